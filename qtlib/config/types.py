@@ -1,0 +1,219 @@
+"""Frozen, typed configuration objects.
+
+The fields mirror ``workflow/schemas/config.schema.yaml`` one to one; the schema
+holds the defaults, ranges and documentation, these classes hold the types.
+``qtlib.config.load_config`` validates a YAML file against the schema and builds
+a :class:`Config` from it. A test checks that schema and dataclasses agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Range = tuple[float, float]
+RecipeKind = Literal["rain", "snow", "haze", "low_light", "underwater"]
+Perceptual = Literal["auto", "vgg", "ms_ssim", "nlpd", "none"]
+Augmentation = Literal["identity", "hflip", "vflip", "rot90"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    size: int = 64
+    min_size: int = 32
+    paired: str = ""
+    unlabeled: str = ""
+    test: str = ""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    task: RecipeKind = "rain"
+    source_recipe: str = "rain_source"
+    target_recipe: str = "rain_target"
+    n_paired: int = 12
+    n_unlabeled: int = 8
+    n_test: int = 4
+    size: int = 96
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named degradation: a weather/light kind plus optional blur, noise and JPEG."""
+
+    kind: RecipeKind
+    intensity: Range = (0.3, 0.6)
+    blur_sigma: Range = (0.0, 0.0)
+    noise_std: Range = (0.0, 0.0)
+    jpeg_quality: Range | None = None
+
+
+@dataclass(frozen=True)
+class DegradeConfig:
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One metric of the IQA ensemble and its (un-normalized) weight."""
+
+    metric: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class IQAConfig:
+    ensemble: tuple[Member, ...] = (Member("brisque", 0.5), Member("niqe", 0.5))
+    blocks: tuple[int, int] = (2, 2)
+    batch_size: int = 16
+    allow_download: bool = False
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    width: int = 16
+    depth: int = 3
+    in_channels: int = 3
+    out_channels: int = 3
+
+
+@dataclass(frozen=True)
+class NAFNetConfig:
+    width: int = 32
+    enc_blocks: tuple[int, ...] = (1, 1, 1, 28)
+    middle_blocks: int = 1
+    dec_blocks: tuple[int, ...] = (1, 1, 1, 1)
+    in_channels: int = 3
+    out_channels: int = 3
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    enabled: bool = True
+    embedding: Literal["sinusoidal", "discrete"] = "sinusoidal"
+    bands: int = 6
+    hidden: int = 64
+    levels: int = 8
+    top_score: float = 7.0
+    injection: tuple[str, ...] = ("bottleneck",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: Literal["unet", "nafnet"] = "unet"
+    unet: UNetConfig = UNetConfig()
+    nafnet: NAFNetConfig = NAFNetConfig()
+    conditioning: ConditioningConfig = ConditioningConfig()
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    patch_size: int = 48
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    perceptual: Perceptual = "none"
+    perceptual_weight: float = 0.1
+    checkpoint_every: int = 100
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    shards: int = 2
+    batch_size: int = 8
+    augmentations: tuple[Augmentation, ...] = ("hflip", "vflip", "rot90")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    tau1: float | Literal["auto"] = "auto"
+    tau2: float | Literal["auto"] = "auto"
+    quantile: float = 0.95
+    bank_size: int = 3
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class RecLoss:
+    weight: float = 1.0
+    start: int = 0
+    block_weighting: bool = True
+
+
+@dataclass(frozen=True)
+class PerLoss:
+    weight: float = 0.1
+    start: int = 0
+    kind: Perceptual = "auto"
+
+
+@dataclass(frozen=True)
+class PrefLoss:
+    weight: float = 0.1
+    start: int = 0
+    beta: float = 1.0
+    delta: float = 0.1
+    second_weight: float = 0.5
+    reg_weight: float = 1.0
+    low_levels: tuple[float, ...] = (4.0, 5.0, 6.0)
+
+
+@dataclass(frozen=True)
+class CroppedLoss:
+    weight: float = 0.1
+    start: int = 0
+    fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class Losses:
+    rec: RecLoss = RecLoss()
+    per: PerLoss = PerLoss()
+    pref: PrefLoss = PrefLoss()
+    cropped: CroppedLoss = CroppedLoss()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Literal["qualiteacher", "plain_mt", "filter_mt"] = "qualiteacher"
+    epochs: int = 1
+    batch_size: int = 4
+    patch_size: int = 48
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    ema_decay: float = 0.998
+    gpus: int = 1
+    bf16: bool = False
+    deterministic: bool = True
+    checkpoint_every: int = 50
+    score_condition: bool = True
+    preference: bool = True
+    cropped: bool = True
+    losses: Losses = Losses()
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    levels: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
+    panel: tuple[str, ...] = ("brisque", "niqe", "piqe")
+    n_examples: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    results_dir: str = "results"
+    seed: int = 0
+    rounds: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    degrade: DegradeConfig = DegradeConfig()
+    iqa: IQAConfig = IQAConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    label: LabelConfig = LabelConfig()
+    gate: GateConfig = GateConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
