@@ -1,0 +1,65 @@
+"""Reading, writing and listing images as float tensors in [0, 1].
+
+One place for the conventions every stage shares: tensors are ``(3, H, W)``
+float32 in [0, 1]; files are read with Pillow (EXIF orientation honoured,
+converted to RGB) and written as 8-bit PNG (or by extension).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Image files under ``root`` (recursive), sorted by relative path; a file is returned as itself."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 array -> ``(3, H, W)`` float32 tensor in [0, 1]."""
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"array: expected (H, W, 3) uint8, got {array.shape} {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` float tensor in [0, 1] -> ``(H, W, 3)`` uint8 array (rounded, clamped)."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image: expected shape (3, H, W), got {tuple(image.shape)}")
+    arr = image.detach().float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
+    return arr.permute(1, 2, 0).cpu().numpy()
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as a ``(3, H, W)`` float tensor in [0, 1] (RGB, EXIF-oriented)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return to_tensor(np.asarray(img.convert("RGB")))
+
+
+def write_image(path: str | Path, image: torch.Tensor) -> None:
+    """Write a ``(3, H, W)`` tensor in [0, 1] atomically (temp file + rename); format from the suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        Image.fromarray(to_uint8(image)).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
