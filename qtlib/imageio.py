@@ -33,7 +33,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 array -> ``(3, H, W)`` float32 tensor in [0, 1]."""
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"array: expected (H, W, 3) uint8, got {array.shape} {array.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
