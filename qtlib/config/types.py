@@ -19,7 +19,7 @@ Augmentation = Literal["identity", "hflip", "vflip", "rot90"]
 
 @dataclass(frozen=True)
 class DataConfig:
-    size: int = 64
+    size: int = 192
     min_size: int = 32
     paired: str = ""
     unlabeled: str = ""
@@ -34,7 +34,7 @@ class DemoConfig:
     n_paired: int = 12
     n_unlabeled: int = 8
     n_test: int = 4
-    size: int = 96
+    size: int = 192
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class ModelConfig:
 class PretrainConfig:
     steps: int = 300
     batch_size: int = 8
-    patch_size: int = 48
+    patch_size: int = 96
     lr: float = 1e-3
     weight_decay: float = 0.0
     perceptual: Perceptual = "none"
@@ -179,7 +179,7 @@ class TrainConfig:
     method: Literal["qualiteacher", "plain_mt", "filter_mt"] = "qualiteacher"
     epochs: int = 1
     batch_size: int = 4
-    patch_size: int = 48
+    patch_size: int = 96
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
