@@ -1,0 +1,65 @@
+"""The teacher's geometric augmentations and their exact inverses (paper eq. 1).
+
+A table as data: each augmentation is a forward op and its inverse, both exact
+tensor permutations (``torch.flip`` / ``torch.rot90``), so
+``inverse(forward(x)) == x`` bit for bit on any ``(..., H, W)`` tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GeometricAug:
+    """One augmentation A_k with its inverse A_k^-1."""
+
+    name: str
+    forward: Op
+    inverse: Op
+
+
+AUGMENTATIONS: dict[str, GeometricAug] = {
+    "identity": GeometricAug("identity", lambda x: x, lambda x: x),
+    "hflip": GeometricAug("hflip", lambda x: torch.flip(x, dims=(-1,)), lambda x: torch.flip(x, dims=(-1,))),
+    "vflip": GeometricAug("vflip", lambda x: torch.flip(x, dims=(-2,)), lambda x: torch.flip(x, dims=(-2,))),
+    "rot90": GeometricAug("rot90", lambda x: torch.rot90(x, 1, dims=(-2, -1)),
+                          lambda x: torch.rot90(x, -1, dims=(-2, -1))),
+}
+
+
+def get_augmentations(names: Sequence[str]) -> list[GeometricAug]:
+    """Look up augmentations by name; unknown names are an error listing the valid ones."""
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"augmentations: unknown {unknown}; valid: {sorted(AUGMENTATIONS)}")
+    return [AUGMENTATIONS[n] for n in names]
+
+
+def restore_augmented(
+    restore: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, augs: Sequence[GeometricAug]
+) -> torch.Tensor:
+    """Eq. (1) for a batch: ``I_k = A_k^-1(f(A_k(x)))`` for every k, in ONE call of ``restore``.
+
+    Args:
+        restore: the teacher, ``(N, C, H, W) -> (N, C, H, W)``.
+        images: ``(B, C, H, W)``, square (rot90 must keep the shape so the views stack).
+        augs: the K augmentations.
+
+    Returns:
+        ``(B, K, C, H, W)`` pseudo-labels in the original coordinates.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images: expected (B, C, H, W), got {tuple(images.shape)}")
+    if images.shape[-1] != images.shape[-2] and any(a.name == "rot90" for a in augs):
+        raise ValueError(f"images: rot90 needs square images to batch the views, got {tuple(images.shape[-2:])}")
+    b = images.shape[0]
+    stacked = torch.cat([a.forward(images) for a in augs], dim=0)
+    out = restore(stacked)
+    views = [a.inverse(v) for a, v in zip(augs, out.split(b, dim=0), strict=True)]
+    return torch.stack(views, dim=1)
