@@ -63,3 +63,50 @@ def write_image(path: str | Path, image: torch.Tensor) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _scale_wide_ints(img: Image.Image) -> Image.Image:
+    """16/32-bit integer or float grey -> 8-bit L, keeping the full range (Pillow's convert would clip at 255)."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        # Float images carry no range; [0, 1] is the common convention, else assume [0, 255].
+        top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
+        out = np.clip(np.nan_to_num(arr.astype(np.float64)) / top * 255.0, 0, 255)
+    else:
+        # I;16* are 16-bit by definition; mode I (32-bit) is assumed to hold 16-bit data too.
+        out = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
+    return Image.fromarray(np.round(out).astype(np.uint8))
+
+
+def to_rgb_image(img: Image.Image) -> tuple[Image.Image, str]:
+    """Convert a loaded Pillow image of any common mode to 8-bit RGB.
+
+    Rules: transparency (RGBA, LA, PA, palette or grey with a transparent
+    colour) is composited on white; 16-bit and 32-bit grey keep their full range
+    (divided by 257, not clipped); CMYK, YCbCr, palette, 1-bit and grey use
+    Pillow's conversion. ICC profiles are not applied.
+
+    Args:
+        img: a loaded Pillow image.
+
+    Returns:
+        The RGB image and a short note of the conversion ("" when it already was RGB).
+
+    Raises:
+        ValueError: the mode has no conversion to RGB (e.g. LAB without a profile).
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img, ""
+    if mode.startswith("I") or mode == "F":
+        note = "(/257)" if mode.startswith("I") else "(float scaled to 0-255)"
+        return _scale_wide_ints(img).convert("RGB"), f"{mode}->RGB {note}"
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+        return _composite_on_white(img), f"{mode}->RGB (alpha composited on white)"
+    return img.convert("RGB"), f"{mode}->RGB"

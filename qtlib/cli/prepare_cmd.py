@@ -1,0 +1,54 @@
+"""``qt prepare IN_DIR OUT_DIR``: a folder of images -> ``images.zarr`` + ``manifest.parquet``."""
+
+from __future__ import annotations
+
+import argparse
+
+from qtlib.cli.errors import UserError
+from qtlib.config import ConfigError, load_config
+from qtlib.data import prepare_images, prepare_paired
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "prepare",
+        help="turn a folder of images into a Zarr store + Parquet manifest",
+        description=(
+            "Read every jpg/jpeg/png/bmp/tif/tiff/webp under IN_DIR (recursive), resize the shorter side to "
+            "data.size and center-crop, and write OUT_DIR/images.zarr (N x 3 x size x size uint8) and "
+            "OUT_DIR/manifest.parquet (one row per file: id, path, sha256, size, mode, transform, index, "
+            "status, message). Unusable files are skipped with a status; the run fails only if none is usable."
+        ),
+    )
+    parser.add_argument("in_dir", metavar="IN_DIR", help="folder of images (searched recursively)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created)")
+    parser.add_argument("--config", default="config/config.yaml", help="YAML file (default: %(default)s)")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="IN_DIR holds degraded/ and clean/ (matched by relative path without extension): "
+        "write degraded.zarr and clean.zarr in the same row order",
+    )
+    parser.add_argument(
+        "--clean-optional",
+        action="store_true",
+        help="with --paired: clean/ may be absent (a test set without ground truth)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config).data
+        if args.paired:
+            result = prepare_paired(args.in_dir, args.out_dir, cfg, require_clean=not args.clean_optional)
+            outputs = [result.degraded, *([result.clean] if result.clean else []), result.manifest]
+        else:
+            result = prepare_images(args.in_dir, args.out_dir, cfg)
+            outputs = [result.store, result.manifest]
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    skipped = {k: v for k, v in result.status_counts.items() if k != "ok"}
+    detail = f" ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
+    print(f"{result.n_ok} images ok, {result.n_skipped} skipped{detail} -> {', '.join(map(str, outputs))}")
+    return 0

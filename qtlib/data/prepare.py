@@ -1,0 +1,356 @@
+"""Image intake (``qt prepare``): a folder of images -> a Zarr store + a Parquet manifest.
+
+``prepare_images`` turns every file with an image extension under a folder into
+one manifest row, and every usable one into one row of ``images.zarr`` (RGB,
+``data.size`` square: shorter side resized to the size, bicubic and
+antialiased, then center crop). ``prepare_paired`` does the same for a
+``degraded/`` + ``clean/`` folder, with both stores in the same row order and
+geometry. Outputs are written under temp names and swapped in at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from qtlib.config.types import DataConfig
+from qtlib.data.decode import Decoded, decode_image, fit_square
+from qtlib.data.store import StoreWriter, commit_path, partial_path, remove_path, write_parquet
+from qtlib.imageio import IMAGE_EXTENSIONS, list_images
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("sha256", pa.string()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("mode", pa.string()),
+        ("transform", pa.string()),
+        ("index", pa.int64()),
+        ("status", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+PAIRED_SCHEMA = pa.schema(
+    [
+        *MANIFEST_SCHEMA,
+        ("clean_path", pa.string()),
+        ("clean_sha256", pa.string()),
+        ("clean_mode", pa.string()),
+    ]
+)
+
+GEOMETRY = (
+    "EXIF orientation applied; converted to 8-bit RGB (alpha composited on white, 16-bit scaled by 1/257); "
+    "shorter side resized to size (Pillow bicubic, antialiased; large JPEGs decoded at 1/2..1/8 first, "
+    "both sides kept >= 2*size); center crop to size x size"
+)
+
+
+class NoUsableImagesError(ValueError):
+    """``qt prepare`` found no usable image; the message gives the counts per status."""
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """Outcome of :func:`prepare_images`."""
+
+    n_ok: int
+    n_skipped: int
+    store: Path
+    manifest: Path
+    status_counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """Outcome of :func:`prepare_paired`; ``clean`` is None for a test set without ground truth."""
+
+    n_ok: int
+    n_skipped: int
+    degraded: Path
+    clean: Path | None
+    manifest: Path
+    status_counts: dict[str, int]
+
+
+def image_id(rel_path: str) -> str:
+    """Deterministic id of an input file: the first 16 hex digits of sha1 of its relative posix path."""
+    return hashlib.sha1(rel_path.encode("utf-8")).hexdigest()[:16]
+
+
+def list_inputs(in_dir: Path, exclude: Path | None = None) -> list[tuple[str, Path]]:
+    """``(relative posix path, path)`` of every file with an image extension under ``in_dir``, sorted.
+
+    Files under ``exclude`` (an output folder inside the input) are left out.
+    """
+    if not in_dir.is_dir():
+        raise FileNotFoundError(f"{in_dir}: no such folder")
+    exclude = exclude.resolve() if exclude is not None else None
+    out = []
+    for path in list_images(in_dir):
+        if exclude is not None and path.resolve().is_relative_to(exclude):
+            continue
+        out.append((path.relative_to(in_dir).as_posix(), path))
+    return out
+
+
+def _decode_file(path: Path, cfg: DataConfig, draft: bool) -> Decoded:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Decoded("unreadable", f"{type(exc).__name__}: {exc}", "")
+    return decode_image(data, cfg.min_size, draft_size=2 * cfg.size if draft else None)
+
+
+def _row(rel: str, shown_path: str, decoded: Decoded) -> dict[str, Any]:
+    width, height = decoded.orig_size if decoded.orig_size else (-1, -1)
+    return {
+        "id": image_id(rel),
+        "path": shown_path,
+        "sha256": decoded.sha256,
+        "orig_width": width,
+        "orig_height": height,
+        "mode": decoded.mode,
+        "transform": "",
+        "index": -1,
+        "status": decoded.status,
+        "message": decoded.message,
+    }
+
+
+def _fit(decoded: Decoded, size: int) -> tuple[np.ndarray, str]:
+    assert decoded.image is not None
+    array, geometry = fit_square(decoded.image, size)
+    return array, "; ".join([*decoded.steps, geometry])
+
+
+def _flag_duplicates(rows: list[dict[str, Any]]) -> None:
+    """Note identical files (kept: the user decides), so train/test leaks are visible."""
+    first: dict[str, str] = {}
+    for row in rows:
+        digest = row["sha256"]
+        if not digest:
+            continue
+        if digest in first:
+            note = f"same bytes as {first[digest]}"
+            row["message"] = f"{row['message']}; {note}" if row["message"] else note
+        else:
+            first[digest] = row["path"]
+
+
+def _empty_message(in_dir: Path, rows: list[dict[str, Any]]) -> str:
+    counts = Counter(row["status"] for row in rows)
+    summary = ", ".join(f"{status}: {n}" for status, n in sorted(counts.items()))
+    examples = "; ".join(f"{row['path']}: {row['message']}" for row in rows[:3])
+    return f"{in_dir}: no usable images among {len(rows)} files ({summary}); e.g. {examples}"
+
+
+def _store_attributes(cfg: DataConfig, source: str) -> dict[str, Any]:
+    return {"transform": {"size": cfg.size, "min_size": cfg.min_size, "steps": GEOMETRY}, "source": source}
+
+
+def prepare_images(in_dir: str | Path, out_dir: str | Path, cfg: DataConfig) -> PrepareResult:
+    """Turn a folder of images into ``OUT/images.zarr`` and ``OUT/manifest.parquet``.
+
+    Args:
+        in_dir: folder searched recursively for jpg/jpeg/png/bmp/tif/tiff/webp (any case).
+        out_dir: output folder (created); may lie inside ``in_dir``, its files are skipped.
+        cfg: ``data`` section of the config (``size``, ``min_size``).
+
+    Returns:
+        A :class:`PrepareResult`.
+
+    Raises:
+        FileNotFoundError: ``in_dir`` is not a folder.
+        NoUsableImagesError: no file gave a usable image (existing outputs are left untouched).
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    files = list_inputs(in_dir, exclude=out_dir)
+    if not files:
+        raise NoUsableImagesError(f"{in_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found (recursive)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store, manifest = out_dir / "images.zarr", out_dir / "manifest.parquet"
+    writer = StoreWriter(store, len(files), cfg.size)
+    try:
+        rows = []
+        for rel, path in files:
+            decoded = _decode_file(path, cfg, draft=True)
+            rows.append(_row(rel, rel, decoded))
+            if decoded.status == "ok":
+                array, rows[-1]["transform"] = _fit(decoded, cfg.size)
+                rows[-1]["index"] = writer.append(rows[-1]["id"], array)
+        if not writer.ids:
+            raise NoUsableImagesError(_empty_message(in_dir, rows))
+        _flag_duplicates(rows)
+        writer.close(_store_attributes(cfg, "manifest.parquet"))
+        write_parquet(partial_path(manifest), rows, MANIFEST_SCHEMA)
+        commit_path(writer.tmp, store)
+        commit_path(partial_path(manifest), manifest)
+    finally:
+        writer.abort()
+        remove_path(partial_path(manifest))
+    counts = dict(sorted(Counter(row["status"] for row in rows).items()))
+    n_ok = counts.get("ok", 0)
+    return PrepareResult(n_ok, len(rows) - n_ok, store, manifest, counts)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """A degraded file and its clean partner, matched by relative path without extension."""
+
+    degraded: tuple[str, Path] | None
+    clean: tuple[str, Path] | None
+    status: str = ""
+    message: str = ""
+
+
+def _stem_key(rel: str) -> str:
+    return rel[: -len(Path(rel).suffix)] if Path(rel).suffix else rel
+
+
+def _group(files: list[tuple[str, Path]]) -> dict[str, list[tuple[str, Path]]]:
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for item in files:
+        groups.setdefault(_stem_key(item[0]), []).append(item)
+    return groups
+
+
+def match_pairs(degraded: list[tuple[str, Path]], clean: list[tuple[str, Path]] | None) -> list[_Pair]:
+    """Match degraded and clean files by relative path without extension (``a/x.jpg`` <-> ``a/x.png``).
+
+    ``clean=None`` means there is no ``clean/`` folder (a test set without ground
+    truth): every degraded file is a pair of its own.
+    """
+    if clean is None:
+        return [_Pair(item, None) for item in degraded]
+    deg_groups, clean_groups = _group(degraded), _group(clean)
+    pairs = []
+    for key in sorted(deg_groups.keys() | clean_groups.keys()):
+        d, c = deg_groups.get(key, []), clean_groups.get(key, [])
+        if len(d) > 1 or len(c) > 1:
+            names = ", ".join(rel for rel, _ in d + c)
+            pairs += [_Pair(item, None, "ambiguous", f"one name, several files: {names}") for item in d]
+            pairs += [_Pair(None, item, "ambiguous", f"one name, several files: {names}") for item in c if not d]
+        elif not c:
+            pairs.append(_Pair(d[0], None, "no_clean", f"no clean/{key}.* for this degraded image"))
+        elif not d:
+            pairs.append(_Pair(None, c[0], "no_degraded", f"no degraded/{key}.* for this clean image"))
+        else:
+            pairs.append(_Pair(d[0], c[0]))
+    return pairs
+
+
+def _pair_status(pair: _Pair, deg: Decoded | None, cln: Decoded | None) -> tuple[str, str]:
+    if pair.status:
+        return pair.status, pair.message
+    assert deg is not None
+    if deg.status != "ok":
+        return deg.status, f"degraded: {deg.message}"
+    if cln is None:
+        return "ok", ""
+    if cln.status != "ok":
+        return cln.status, f"clean: {cln.message}"
+    assert deg.image is not None and cln.image is not None
+    if deg.image.size != cln.image.size:
+        (dw, dh), (cw, ch) = deg.image.size, cln.image.size
+        return "size_mismatch", f"degraded {dw}x{dh} vs clean {cw}x{ch} (after EXIF orientation)"
+    return "ok", ""
+
+
+def _paired_row(pair: _Pair, deg: Decoded | None, cln: Decoded | None) -> dict[str, Any]:
+    main = deg if deg is not None else cln
+    assert main is not None
+    rel = pair.degraded[0] if pair.degraded else pair.clean[0]  # type: ignore[index]
+    row = _row(rel, f"degraded/{rel}" if pair.degraded else "", main)
+    row["clean_path"] = f"clean/{pair.clean[0]}" if pair.clean else ""
+    row["clean_sha256"] = cln.sha256 if cln else ""
+    row["clean_mode"] = cln.mode if cln else ""
+    row["status"], row["message"] = _pair_status(pair, deg, cln)
+    return row
+
+
+def prepare_paired(
+    in_dir: str | Path, out_dir: str | Path, cfg: DataConfig, require_clean: bool = True
+) -> PairedResult:
+    """Turn ``IN/degraded`` + ``IN/clean`` into ``OUT/degraded.zarr``, ``OUT/clean.zarr`` and a manifest.
+
+    Files are matched by relative path without extension; both images of a pair
+    must have the same size and get the same geometry, and row ``i`` of both
+    stores is the same pair. Ids come from the path relative to ``degraded/``
+    (so they equal those of ``prepare_images(IN/degraded)``). JPEG draft decoding
+    is not used here, so both sides are decoded at full resolution.
+
+    Args:
+        in_dir: folder with ``degraded/`` and (unless ``require_clean`` is False) ``clean/``.
+        out_dir: output folder (created).
+        cfg: ``data`` section of the config.
+        require_clean: False for a test set whose ``clean/`` may be absent; then only
+            ``degraded.zarr`` is written (and a stale ``clean.zarr`` is removed).
+
+    Returns:
+        A :class:`PairedResult`.
+
+    Raises:
+        FileNotFoundError: ``degraded/`` (or a required ``clean/``) is missing.
+        NoUsableImagesError: no usable pair.
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    has_clean = (in_dir / "clean").is_dir()
+    if require_clean and not has_clean:
+        raise FileNotFoundError(f"{in_dir}: expected degraded/ and clean/ folders; clean/ is missing")
+    degraded = list_inputs(in_dir / "degraded", exclude=out_dir)
+    clean = list_inputs(in_dir / "clean", exclude=out_dir) if has_clean else None
+    pairs = match_pairs(degraded, clean)
+    if not pairs:
+        raise NoUsableImagesError(f"{in_dir}/degraded: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"degraded": out_dir / "degraded.zarr", "clean": out_dir / "clean.zarr"}
+    manifest = out_dir / "manifest.parquet"
+    names = ["degraded", "clean"] if has_clean else ["degraded"]
+    writers = {name: StoreWriter(paths[name], len(pairs), cfg.size) for name in names}
+    try:
+        rows = [_prepare_pair(pair, cfg, writers) for pair in pairs]
+        if not writers["degraded"].ids:
+            raise NoUsableImagesError(_empty_message(in_dir, rows))
+        _flag_duplicates(rows)
+        for writer in writers.values():
+            writer.close(_store_attributes(cfg, "manifest.parquet"))
+        write_parquet(partial_path(manifest), rows, PAIRED_SCHEMA)
+        for name, writer in writers.items():
+            commit_path(writer.tmp, paths[name])
+        if not has_clean:
+            remove_path(paths["clean"])
+        commit_path(partial_path(manifest), manifest)
+    finally:
+        for writer in writers.values():
+            writer.abort()
+        remove_path(partial_path(manifest))
+    counts = dict(sorted(Counter(row["status"] for row in rows).items()))
+    n_ok = counts.get("ok", 0)
+    clean_store = paths["clean"] if has_clean else None
+    return PairedResult(n_ok, len(rows) - n_ok, paths["degraded"], clean_store, manifest, counts)
+
+
+def _prepare_pair(pair: _Pair, cfg: DataConfig, writers: dict[str, StoreWriter]) -> dict[str, Any]:
+    """Decode one pair, write it to the stores if usable, return its manifest row."""
+    deg = _decode_file(pair.degraded[1], cfg, draft=False) if pair.degraded else None
+    cln = _decode_file(pair.clean[1], cfg, draft=False) if pair.clean else None
+    row = _paired_row(pair, deg, cln)
+    if row["status"] != "ok":
+        return row
+    assert deg is not None
+    array, row["transform"] = _fit(deg, cfg.size)
+    row["index"] = writers["degraded"].append(row["id"], array)
+    if cln is not None:
+        clean_array, _ = _fit(cln, cfg.size)
+        writers["clean"].append(row["id"], clean_array)
+    return row
