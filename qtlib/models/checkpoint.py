@@ -272,5 +272,6 @@ def _read_payload(path: Path) -> Any:
             ) from None
         raise CheckpointError(f"{path}: corrupt checkpoint (unreadable pickle data)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
         raise CheckpointError(f"{path}: corrupt checkpoint ({first})") from None
