@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from qtlib import __version__
 from qtlib.cli import config_cmd
-from qtlib.cli import prepare_cmd
+from qtlib.cli import degrade_cmd, demo_cmd, prepare_cmd
 from qtlib.cli import restore_cmd
 from qtlib.cli import score_cmd, weights_cmd
 from qtlib.cli.errors import UserError
