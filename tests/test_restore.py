@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def seam_distance(h: int, w: int, tile: int, overlap: int, multiple: int) -> tor
 def test_tile_spans_cover_aligned_overlapping(size: int, tile: int, overlap: int, multiple: int) -> None:
     spans = tile_spans(size, tile, overlap, multiple)
     assert spans[0][0] == 0 and spans[-1][0] + spans[-1][1] == size
-    for (s0, n0), (s1, _) in zip(spans, spans[1:], strict=False):
+    for (s0, n0), (s1, _) in itertools.pairwise(spans):
         assert s1 % multiple == 0 and s1 > s0
         assert s0 + n0 - s1 >= min(overlap, tile - multiple)  # `overlap`, capped so the stride is >= multiple
     assert all(tile <= n < tile + multiple for _, n in spans) or spans == [(0, size)]
