@@ -7,7 +7,7 @@ import sys
 
 from qtlib.cli.errors import UserError
 from qtlib.config import ConfigError, load_config
-from qtlib.data.degrade import UnknownRecipeError, degrade_path, get_recipe
+from qtlib.data.degradations import UnknownRecipeError, degrade_path, get_recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:

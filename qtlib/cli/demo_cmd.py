@@ -6,7 +6,7 @@ import argparse
 
 from qtlib.cli.errors import UserError
 from qtlib.config import ConfigError, load_config
-from qtlib.data.degrade import UnknownRecipeError
+from qtlib.data.degradations import UnknownRecipeError
 from qtlib.data.demo import make_demo_data
 
 
