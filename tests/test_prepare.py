@@ -207,8 +207,10 @@ def test_exception_empty_result(tmp_path: Path) -> None:
     (tmp_path / "none").mkdir()
     with pytest.raises(NoUsableImagesError, match="no image files"):
         prepare_images(tmp_path / "none", tmp_path / "out", CFG)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
         prepare_images(tmp_path / "missing", tmp_path / "out", CFG)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        prepare_images(tmp_path / "in" / "b.png", tmp_path / "out", CFG)
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
@@ -328,6 +330,9 @@ def test_cli_prepare(corpus, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["prepare", str(empty), str(out), "--config", str(config)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("qt prepare: error:") and "no image files" in err and "\n" not in err
+
+    assert main(["prepare", "--clean-optional", str(corpus[0]), str(out), "--config", str(config)]) == 1
+    assert "--paired only" in capsys.readouterr().err
 
     _write_paired(tmp_path / "paired")
     assert main(["prepare", "--paired", str(tmp_path / "paired"), str(tmp_path / "p"), "--config", str(config)]) == 0

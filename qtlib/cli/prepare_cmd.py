@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.clean_optional and not args.paired:
+        raise UserError("--clean-optional applies to --paired only")
     try:
         cfg = load_config(args.config).data
         if args.paired:

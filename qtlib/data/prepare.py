@@ -93,7 +93,7 @@ def list_inputs(in_dir: Path, exclude: Path | None = None) -> list[tuple[str, Pa
     Files under ``exclude`` (an output folder inside the input) are left out.
     """
     if not in_dir.is_dir():
-        raise FileNotFoundError(f"{in_dir}: no such folder")
+        raise FileNotFoundError(f"{in_dir}: {'not a folder' if in_dir.exists() else 'no such folder'}")
     exclude = exclude.resolve() if exclude is not None else None
     out = []
     for path in list_images(in_dir):
