@@ -1,0 +1,46 @@
+"""The training stages: supervised pretraining and the QualiTeacher student round.
+
+Public API::
+
+    pretrain(paired_dir, out, cfg, *, log, resume, device, stop_after) -> PretrainResult
+    train_one_round(cfg, round_, teacher, student, bank, images, results_dir,
+                    out_student, out_teacher, log, *, resume, device, reward, stop_after) -> TrainResult
+    train_step(ctx, batch, step) -> StepOutput          # one step of eq. (11)
+    resolve_switches(train_cfg, conditioned) -> Switches # method + Table 2 switches
+
+Loss terms are pure functions in :mod:`qtlib.train.losses`; data sampling and
+epoch plans in :mod:`qtlib.train.data`; DDP in :mod:`qtlib.train.ddp`.
+"""
+
+from qtlib.train.loop import (
+    LOG_SCHEMA,
+    RewardFn,
+    StepContext,
+    StepOutput,
+    StudentPasses,
+    Switches,
+    TrainResult,
+    active_terms,
+    partial_path,
+    resolve_switches,
+    train_one_round,
+    train_step,
+)
+from qtlib.train.pretrain import PretrainResult, pretrain
+
+__all__ = [
+    "LOG_SCHEMA",
+    "PretrainResult",
+    "RewardFn",
+    "StepContext",
+    "StepOutput",
+    "StudentPasses",
+    "Switches",
+    "TrainResult",
+    "active_terms",
+    "partial_path",
+    "pretrain",
+    "resolve_switches",
+    "train_one_round",
+    "train_step",
+]

@@ -1,0 +1,70 @@
+"""Seeds, determinism, devices and mixed precision for the training stages."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+_log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (all CUDA devices too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def process_seed(seed: int, round_: int, rank: int) -> int:
+    """The global-generator seed of one process: offset by round and rank, so ranks never share a stream."""
+    return seed + 1_000 * round_ + 100_003 * rank
+
+
+def set_determinism(enabled: bool) -> dict[str, bool]:
+    """The determinism switch: deterministic algorithms and no cuDNN autotuning, or the fast defaults.
+
+    With ``enabled`` (the config default), ``torch.use_deterministic_algorithms(True)``
+    makes an op without a deterministic implementation raise instead of silently
+    varying, ``cudnn.benchmark`` is off and ``cudnn.deterministic`` on, and
+    ``CUBLAS_WORKSPACE_CONFIG`` is set (needed by cuBLAS on CUDA >= 10.2). The
+    state is logged and returned so it can be recorded with the run.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = False if enabled else torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic = enabled
+    state = {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+    }
+    _log.info("determinism: %s", state)
+    return state
+
+
+def resolve_device(device: str, rank: int = 0) -> torch.device:
+    """``auto`` = CUDA when available, else CPU; on CUDA each rank gets ``cuda:rank``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda': no CUDA device is available")
+        return torch.device("cuda", rank)
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, bf16: bool) -> Iterator[None]:
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU runs stay fp32)."""
+    if bf16 and device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield

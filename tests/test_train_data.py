@@ -1,0 +1,127 @@
+"""Bank samples, epoch plans, rank slices and aligned reads of the training data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+
+from qtlib.data.store import StoreWriter, commit_path
+from qtlib.train.data import (
+    BankReader,
+    PairedReader,
+    build_samples,
+    draw_epoch_plan,
+    rank_slots,
+    select_bank_rows,
+    steps_per_epoch,
+)
+
+
+def _bank() -> pd.DataFrame:
+    """Two images: a has three PLs (S 7.5, 5, 3), b has two (S 6, 4)."""
+    rows = [
+        ("a", 0, 0, 1, 0, 7.5), ("a", 0, 1, 1, 2, 5.0), ("a", 0, 2, 0, 1, 3.0),
+        ("b", 1, 0, 0, 0, 6.0), ("b", 1, 1, 1, 1, 4.0),
+    ]
+    frame = pd.DataFrame(rows, columns=["image_id", "source_index", "rank", "shard", "aug_index", "S"])
+    frame["store"] = [f"round_0/labels/shard_{k}.zarr" for k in frame["shard"]]
+    frame["index"] = frame["source_index"]
+    frame["blocks_S"] = [np.array([s, s, 1.0, 1.0], dtype=np.float32) for s in frame["S"]]
+    return frame.sample(frac=1.0, random_state=3)  # order must not matter
+
+
+def test_samples_top_level_targets_best_pl() -> None:
+    s = build_samples(_bank(), "qualiteacher", top_score=7.0, score_condition=True)
+    assert list(s.image_id) == ["a", "a", "a", "b", "b"]
+    assert list(s.cond) == [7.0, 5.0, 3.0, 6.0, 4.0]  # clamped to the top level
+    assert list(s.aug_index) == [0, 2, 1, 0, 1]  # a's top sample targets its best PL (aug 0)
+    assert list(s.s_poor) == [3.0, 3.0, 3.0, 4.0, 4.0]
+    assert s.blocks[1].tolist() == [5.0, 5.0, 1.0, 1.0]
+    s6 = build_samples(_bank(), "qualiteacher", top_score=5.0, score_condition=True)
+    assert list(s6.aug_index) == [0, 0, 1, 0, 1] and list(s6.store)[3] == "round_0/labels/shard_0.zarr"
+
+
+def test_samples_unconditioned_and_filter_mt() -> None:
+    s = build_samples(_bank(), "plain_mt", top_score=7.0, score_condition=False)
+    assert list(s.cond) == [7.0] * 5 and list(s.aug_index) == [0, 2, 1, 0, 1]  # each PL is its own target
+    f = build_samples(_bank(), "filter_mt", top_score=7.0, score_condition=False)
+    assert list(f.image_id) == ["a", "b"] and list(f.aug_index) == [0, 0]
+    assert len(select_bank_rows(_bank(), "filter_mt")) == 2
+    with pytest.raises(ValueError, match="missing columns"):
+        select_bank_rows(_bank().drop(columns="blocks_S"), "qualiteacher")
+
+
+def test_plan_is_deterministic_and_ranks_do_not_overlap() -> None:
+    args = dict(n_samples=5, global_batch=4, image_size=(64, 64), patch=32, crop=16, low_levels=(4.0, 5.0, 6.0),
+                seed=0, round_=1, epoch=0)
+    a, b = draw_epoch_plan(**args), draw_epoch_plan(**args)
+    assert a.steps == 2 == steps_per_epoch(5, 4)
+    for f in ("sample", "patch_yx", "low_level", "crop_yx"):
+        assert np.array_equal(getattr(a, f), getattr(b, f))
+    assert set(a.sample[:5]) == set(range(5))  # every sample once, then wrap-round fill
+    assert set(a.low_level) <= {4.0, 5.0, 6.0}
+    assert (a.patch_yx <= 32).all() and (a.crop_yx <= 16).all()
+    r0, r1 = rank_slots(1, 0, 2, 2), rank_slots(1, 1, 2, 2)
+    assert list(r0) == [4, 5] and list(r1) == [6, 7]
+    assert list(rank_slots(1, 0, 1, 4)) == [4, 5, 6, 7]  # one process with the same global batch
+    with pytest.raises(ValueError, match="does not fit"):
+        draw_epoch_plan(**{**args, "patch": 65})
+
+
+def _coded_images(n: int, size: int) -> np.ndarray:
+    """uint8 images whose pixels encode (row, column) so crops can be located."""
+    yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    img = np.stack([yy, xx, np.zeros_like(yy)]).astype(np.uint8)
+    return np.stack([img] * n)
+
+
+def test_bank_reader_reads_aligned_windows(tmp_path) -> None:
+    size, patch = 64, 24
+    images = _coded_images(2, size)
+    writer = StoreWriter(tmp_path / "images.zarr", 2, size)
+    for i, img in enumerate(images):
+        writer.append(f"img{i}", img.transpose(1, 2, 0))
+    writer.close({})
+    commit_path(writer.tmp, tmp_path / "images.zarr")
+    for shard in (0, 1):
+        g = zarr.open_group(str(tmp_path / f"round_0/labels/shard_{shard}.zarr"), mode="w")
+        labels = np.stack([np.stack([images[i] + 1 + k for k in range(3)]) for i in range(2)])  # PL = image + 1 + aug
+        g.create_array("labels", data=labels.astype(np.uint8), chunks=(1, 3, 3, size, size))
+        g.create_array("blocks_S", data=np.ones((2, 3, 2, 2), dtype=np.float32))
+    samples = build_samples(_bank(), "qualiteacher", 7.0, True)
+    reader = BankReader(samples, tmp_path / "images.zarr", tmp_path, patch)
+    plan = draw_epoch_plan(len(samples), 5, (size, size), patch, 12, (4.0,), 0, 0, 0)
+    batch = reader.read(plan, np.arange(5))
+    for j in range(5):
+        i = plan.sample[j]
+        top, left = plan.patch_yx[j]
+        x = (batch.x[j] * 255).round().to(torch.uint8)
+        assert x[0, 0, 0].item() == top and x[1, 0, 0].item() == left  # the window the plan chose
+        diff = (batch.target[j] * 255).round() - (batch.x[j] * 255).round()
+        assert torch.all(diff == 1 + samples.aug_index[i])  # the PL of the same window
+        assert batch.cond[j].item() == samples.cond[i]
+        # block weights of the same window: blocks [S, S, 1, 1] / mean -> top half vs bottom half
+        s = samples.blocks[i][0]
+        rows = torch.arange(top, top + patch)[:, None].expand(patch, patch)
+        expected = torch.where(rows < size // 2, s, 1.0) / ((s + 1) / 2)
+        assert torch.allclose(batch.weight[j, 0], expected)
+
+
+def test_paired_reader_deterministic_per_step(tmp_path) -> None:
+    size = 48
+    for name, add in (("degraded", 0), ("clean", 5)):
+        writer = StoreWriter(tmp_path / f"{name}.zarr", 3, size)
+        for i, img in enumerate(_coded_images(3, size)):
+            writer.append(f"p{i}", (img + add).transpose(1, 2, 0))
+        writer.close({})
+        commit_path(writer.tmp, tmp_path / f"{name}.zarr")
+    reader = PairedReader(tmp_path, 16)
+    x, y = reader.read(seed=0, step=3, batch=2)
+    x2, _ = reader.read(seed=0, step=3, batch=2)
+    assert torch.equal(x, x2) and x.shape == (2, 3, 16, 16)
+    assert torch.allclose((y - x) * 255, torch.full_like(x, 5.0), atol=1e-3)  # aligned crops
+    with pytest.raises(ValueError, match="does not fit"):
+        PairedReader(tmp_path, 49)

@@ -1,0 +1,239 @@
+"""End to end on real stores: tiny pretrain -> label (2 shards) -> gate -> one training round.
+
+Everything is real: Zarr image stores written by the data module's writer, label
+stores and ledgers written by ``qtlib.label.label_shard`` with real pyiqa BRISQUE
+scores, a bank from ``qtlib.gate.run_gate``, the real differentiable Reward. The
+sizes are tiny (U-Net width 4, depth 2; 128 px images, 64 px patches).
+
+Tolerances: resuming from a step checkpoint reproduces the uninterrupted run
+bit for bit on CPU (every random choice comes from the epoch plan, and the
+optimizer, EMA and RNG states are restored). Two gloo processes with batch 1
+match one process with batch 2 to 1e-5 absolute in every weight after a round
+of AdamW steps (measured: 1.4e-6): the only differences are the order of
+floating-point sums (gradient averaging over ranks versus the mean over the
+batch) and convolutions run at another batch size. That test uses a
+batch-invariant reward: pyiqa 0.1.16's BRISQUE is not (the same image scores
+4.7847 alone and 4.7850 next to a copy of itself), which Adam then amplifies to
+~1e-4 in the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from qtlib.cli import main
+from qtlib.config import config_from_dict
+from qtlib.config.types import Config
+from qtlib.data.store import StoreWriter, commit_path
+from qtlib.gate import run_gate
+from qtlib.label import label_shard
+from qtlib.models import load_checkpoint
+from qtlib.train import LOG_SCHEMA, pretrain, train_one_round
+
+pytestmark = pytest.mark.slow
+
+SIZE = 128
+
+SETTINGS = {
+    "seed": 0,
+    "device": "cpu",
+    "iqa": {"ensemble": [{"metric": "brisque", "weight": 1.0}], "blocks": [2, 2], "batch_size": 8},
+    "model": {"backbone": "unet", "unet": {"width": 4, "depth": 2}},
+    "pretrain": {"steps": 4, "batch_size": 2, "patch_size": 64, "lr": 1e-3, "checkpoint_every": 2,
+                 "perceptual": "none"},
+    "label": {"shards": 2, "batch_size": 4},
+    "gate": {"tau1": "auto", "tau2": "auto", "quantile": 0.95},
+    "train": {"batch_size": 2, "patch_size": 64, "lr": 1e-3, "checkpoint_every": 2, "ema_decay": 0.9,
+              "losses": {"per": {"kind": "nlpd"}}},
+}
+
+
+def _config(**train: object) -> Config:
+    data = {**SETTINGS, "train": {**SETTINGS["train"], **train}}
+    return config_from_dict(data)
+
+
+def _photos(n: int, offset: int) -> np.ndarray:
+    """n uint8 HWC crops of skimage photos."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    out = []
+    for k in range(n):
+        p = photos[(k + offset) % len(photos)]
+        y, x = (37 * (k + offset)) % (p.shape[0] - SIZE), (53 * (k + offset)) % (p.shape[1] - SIZE)
+        out.append(np.ascontiguousarray(p[y:y + SIZE, x:x + SIZE]))
+    return np.stack(out)
+
+
+def _degrade(clean: np.ndarray, seed: int) -> np.ndarray:
+    """Bright streaks and noise: a crude rain, enough for a supervised pretraining signal."""
+    rng = np.random.default_rng(seed)
+    img = clean.astype(np.float32)
+    streaks = (rng.random(img.shape[:3]) < 0.02).astype(np.float32)[..., None] * 120
+    return np.clip(img + streaks + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+def _write_store(path: Path, images: np.ndarray, prefix: str) -> None:
+    writer = StoreWriter(path, len(images), SIZE)
+    for i, img in enumerate(images):
+        writer.append(f"{prefix}{i}", img)
+    writer.close({})
+    commit_path(writer.tmp, path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Paired + unlabeled stores, a pretrained model, round-0 label stores and bank."""
+    root = tmp_path_factory.mktemp("train_e2e")
+    clean = _photos(4, 0)
+    _write_store(root / "paired" / "clean.zarr", clean, "p")
+    _write_store(root / "paired" / "degraded.zarr", _degrade(clean, 1), "p")
+    _write_store(root / "images.zarr", _degrade(_photos(4, 5), 2), "u")
+    cfg = _config()
+    result = pretrain(root / "paired", root / "pretrain" / "model.pt", cfg, log=root / "pretrain" / "log.parquet")
+    assert result.model is not None and result.steps == 4
+    results = root / "results"
+    for k in range(2):
+        label_shard(result.model, root / "images.zarr", k, 2, results / "round_0", 0, cfg.iqa, cfg.label,
+                    device="cpu", progress=False)
+    ledgers = sorted((results / "round_0" / "ledger").glob("shard_*.parquet"))
+    run_gate(ledgers, None, cfg.gate, len(cfg.label.augmentations), results / "round_0" / "gate.parquet",
+             results / "round_0" / "bank.parquet")
+    return {"root": root, "model": result.model, "images": root / "images.zarr", "results": results,
+            "bank": results / "round_0" / "bank.parquet"}
+
+
+def _round(w: dict[str, Path], out: Path, cfg: Config, **kw: object):
+    return train_one_round(cfg, 0, w["model"], w["model"], w["bank"], w["images"], w["results"],
+                           out / "student.pt", out / "teacher.pt", out / "losses.parquet", **kw)
+
+
+def test_pretrain_checkpoint_is_complete(world: dict[str, Path]) -> None:
+    ckpt = load_checkpoint(world["model"])
+    assert ckpt.kind == "pretrain" and ckpt.step == 4 and ckpt.optimizer_state and ckpt.rng
+    assert ckpt.extra["perceptual"] == "none" and ckpt.extra["determinism"]["deterministic_algorithms"]
+    emb = [v for k, v in ckpt.model_state.items() if k.startswith("embedding.heads")]
+    assert emb and all(torch.count_nonzero(v) == 0 for v in emb)  # conditioning still exactly zero
+    log = pd.read_parquet(world["root"] / "pretrain" / "log.parquet")
+    assert list(log["step"]) == [0, 1, 2, 3] and np.isfinite(log["loss"]).all()
+
+
+def test_one_round_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
+    bank = pd.read_parquet(world["bank"])
+    r = _round(world, tmp_path, _config())
+    assert r.student and r.teacher and r.log and r.partial is None
+    assert r.n_samples == len(bank) and r.steps == r.total_steps == math.ceil(len(bank) / 2)
+    assert r.switches.perceptual == "nlpd" and r.switches.preference and r.switches.cropped
+    log = pd.read_parquet(r.log)
+    assert list(log.columns) == LOG_SCHEMA.names and len(log) == r.steps
+    for term in ("loss", "rec", "per", "pref_first", "pref_second", "pref_reg", "cropped", "reward_high"):
+        assert np.isfinite(log[term]).all(), term
+    student, teacher = load_checkpoint(r.student), load_checkpoint(r.teacher)
+    assert student.kind == "student" and teacher.kind == "teacher"
+    assert student.extra["global_step"] == r.steps and student.optimizer_state and student.ema_state
+    start = load_checkpoint(world["model"]).model_state
+    for k, v in start.items():  # EMA: the teacher moved from the start, but less than the student
+        moved_t = (teacher.model_state[k] - v).abs().sum()
+        moved_s = (student.model_state[k] - v).abs().sum()
+        assert moved_t <= moved_s + 1e-12
+    assert any((teacher.model_state[k] - v).abs().sum() > 0 for k, v in start.items())
+    assert any(torch.count_nonzero(v) for k, v in student.model_state.items() if k.startswith("embedding.heads"))
+
+
+@pytest.mark.parametrize("method", ["plain_mt", "filter_mt"])
+def test_baselines_run(world: dict[str, Path], tmp_path: Path, method: str) -> None:
+    r = _round(world, tmp_path, _config(method=method))
+    log = pd.read_parquet(r.log)
+    assert np.isfinite(log["rec"]).all()
+    assert log[["pref_first", "cropped"]].isna().all().all()
+    n_images = pd.read_parquet(world["bank"])["image_id"].nunique()
+    if method == "filter_mt":
+        assert r.n_samples == n_images
+
+
+def _states_equal(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    for k in ca.model_state:
+        assert torch.equal(ca.model_state[k], cb.model_state[k]), k
+    if ca.ema_state:
+        for k in ca.ema_state["module"]:
+            assert torch.equal(ca.ema_state["module"][k], cb.ema_state["module"][k]), k
+    if ca.optimizer_state:
+        for i, s in ca.optimizer_state["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(s[key], cb.optimizer_state["state"][i][key]), (i, key)
+
+
+def test_resume_is_bit_exact(world: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _config(checkpoint_every=1)
+    full = _round(world, tmp_path / "full", cfg)
+    first = _round(world, tmp_path / "cut", cfg, stop_after=2)
+    assert first.student is None and first.partial and first.partial.is_file() and first.steps == 2
+    rest = _round(world, tmp_path / "cut", cfg)  # picks up student.pt.partial by itself
+    assert rest.resumed_from == 2 and rest.steps == full.steps and not first.partial.exists()
+    _states_equal(full.student, rest.student)
+    _states_equal(full.teacher, rest.teacher)
+    a, b = pd.read_parquet(full.log), pd.read_parquet(rest.log)
+    pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
+
+
+def test_stale_partial_is_ignored(world: dict[str, Path], tmp_path: Path) -> None:
+    _round(world, tmp_path, _config(), stop_after=1)
+    r = _round(world, tmp_path, _config(lr=5e-4))  # another config: the step checkpoint does not apply
+    assert r.resumed_from == 0 and r.student
+
+
+def test_pretrain_resume_is_bit_exact(world: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _config()
+    paired = world["root"] / "paired"
+    cut = pretrain(paired, tmp_path / "m.pt", cfg, stop_after=3)
+    assert cut.model is None and cut.partial.is_file()
+    done = pretrain(paired, tmp_path / "m.pt", cfg)
+    assert done.resumed_from == 3  # a stop writes the step checkpoint where it stopped
+    _states_equal(world["model"], done.model)
+
+
+def contrast_reward(y: torch.Tensor) -> torch.Tensor:
+    """A batch-invariant differentiable reward (module level, so spawned ranks can unpickle it)."""
+    return 10 * y.std(dim=(1, 2, 3))
+
+
+def test_ddp_two_processes_match_one(world: dict[str, Path], tmp_path: Path) -> None:
+    one = _round(world, tmp_path / "one", _config(batch_size=2), reward=contrast_reward)
+    two = _round(world, tmp_path / "two", _config(batch_size=1, gpus=2), reward=contrast_reward)
+    assert two.steps == one.steps and two.global_step == one.global_step
+    a, b = load_checkpoint(one.student), load_checkpoint(two.student)
+    worst = max((a.model_state[k] - b.model_state[k]).abs().max().item() for k in a.model_state)
+    assert worst < 1e-5, worst
+    ta, tb = load_checkpoint(one.teacher), load_checkpoint(two.teacher)
+    assert max((ta.model_state[k] - tb.model_state[k]).abs().max().item() for k in ta.model_state) < 1e-5
+    la, lb = pd.read_parquet(one.log), pd.read_parquet(two.log)
+    assert np.allclose(la["loss"], lb["loss"], atol=1e-4)
+
+
+def test_cli_pretrain_and_train(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({**SETTINGS, "train": {**SETTINGS["train"], "preference": False}}))
+    assert main(["pretrain", "--config", str(cfg_file), "--paired", str(world["root"] / "paired"),
+                 "--out", str(tmp_path / "model.pt"), "--stop-after", "1"]) == 0
+    assert "stopped" in capsys.readouterr().out
+    assert main(["pretrain", "--config", str(cfg_file), "--paired", str(world["root"] / "paired"),
+                 "--out", str(tmp_path / "model.pt")]) == 0
+    args = ["train", "--round", "0", "--config", str(cfg_file), "--teacher", str(tmp_path / "model.pt"),
+            "--student", str(tmp_path / "model.pt"), "--bank", str(world["bank"]), "--images",
+            str(world["images"]), "--results-dir", str(world["results"]), "--out-student",
+            str(tmp_path / "s.pt"), "--out-teacher", str(tmp_path / "t.pt"), "--log", str(tmp_path / "l.parquet")]
+    assert main(args) == 0
+    assert "method qualiteacher" in capsys.readouterr().out
+    assert (tmp_path / "s.pt").is_file() and (tmp_path / "t.pt").is_file()
+    assert main([*args[:-2], "--log", str(tmp_path / "l.parquet"), "--resume", str(tmp_path / "nope")]) == 1
+    assert "no step checkpoint" in capsys.readouterr().err

@@ -1,0 +1,267 @@
+"""Loss terms of eq. (11) on hand-checkable cases, and the switches that turn each term off."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from qtlib.config import ModelConfig, UNetConfig
+from qtlib.config.types import Losses, PerLoss, PrefLoss, TrainConfig
+from qtlib.models import build_model
+from qtlib.train import StepContext, StudentPasses, Switches, active_terms, resolve_switches, train_step
+from qtlib.train.data import Batch
+from qtlib.train.losses import (
+    block_weight_map,
+    crop_batch,
+    cropped_consistency,
+    injection_reg,
+    preference_terms,
+    weighted_l1,
+)
+
+TINY = ModelConfig(unet=UNetConfig(width=4, depth=2))
+
+
+# ----------------------------------------------------------------- L_rec
+
+
+def test_block_weight_map_mean_one_and_layout() -> None:
+    w = block_weight_map(torch.tensor([[[1.0, 3.0], [2.0, 2.0]]]), (4, 6))
+    assert w.shape == (1, 1, 4, 6)
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[0, 0, 0, 0].item() == pytest.approx(0.5) and w[0, 0, 0, 5].item() == pytest.approx(1.5)
+    assert w[0, 0, 3, 0].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [[[0.0, 0.0], [0.0, 0.0]], [[1.0, math.nan], [1.0, 1.0]]])
+def test_block_weight_map_falls_back_to_uniform(bad: list) -> None:
+    w = block_weight_map(torch.tensor([bad]), (4, 4))
+    assert torch.equal(w, torch.ones(1, 1, 4, 4))
+
+
+def test_weighted_l1_value_and_exception() -> None:
+    pred, target = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    w = torch.tensor([[[[0.5, 1.5], [1.0, 1.0]]]])
+    assert weighted_l1(pred, target, w).item() == pytest.approx(1.0)  # mean(w * 1)
+    assert weighted_l1(pred, target).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="weight"):
+        weighted_l1(pred, target, torch.ones(1, 3, 2, 2))
+
+
+def test_block_weights_change_the_gradient() -> None:
+    """d/dpred of mean(w |pred - target|) is -w / N where pred < target: the weights scale each block."""
+    pred = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    w = block_weight_map(torch.tensor([[[1.0, 3.0]]]), (2, 2))  # left column 0.5, right 1.5
+    weighted_l1(pred, torch.ones(1, 1, 2, 2), w).backward()
+    expected = -torch.tensor([[[[0.5, 1.5], [0.5, 1.5]]]]) / 4
+    assert torch.allclose(pred.grad, expected)
+    plain = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    weighted_l1(plain, torch.ones(1, 1, 2, 2)).backward()
+    assert torch.allclose(plain.grad, torch.full_like(plain, -0.25))
+
+
+# ----------------------------------------------------------------- L_pref, L_reg
+
+
+def test_preference_terms_hand_values() -> None:
+    t = preference_terms(torch.tensor([5.1]), torch.tensor([5.0]), torch.tensor([5.1]), beta=1.0, delta=0.1)
+    assert t.first.item() == pytest.approx(math.log(2))  # gap == delta
+    assert t.second.item() == pytest.approx(math.log(2))  # high output == teacher's poorest PL
+
+
+def test_preference_decreases_when_high_reward_rises() -> None:
+    r_low, s_poor = torch.tensor([4.0, 5.0]), torch.tensor([4.5, 4.5])
+    prev = None
+    for r in (3.0, 4.0, 5.0, 6.0, 8.0):
+        t = preference_terms(torch.tensor([r, r]), r_low, s_poor, beta=1.0, delta=0.1)
+        if prev is not None:
+            assert t.first < prev.first and t.second < prev.second
+        prev = t
+    r_high = torch.tensor([5.0, 5.0], requires_grad=True)
+    t = preference_terms(r_high, r_low, s_poor, beta=1.0, delta=0.1)
+    (t.first + t.second).backward()
+    assert (r_high.grad < 0).all()  # gradient descent raises the high-score reward
+
+
+def test_injection_reg_zero_at_init_and_hand_value() -> None:
+    model = build_model(TINY)
+    params = model.injection_parameters()
+    init = [p.detach().clone() for p in params]
+    assert injection_reg(params, init).item() == 0.0
+    with torch.no_grad():
+        params[0].add_(0.1)
+    n = params[0].numel()
+    assert injection_reg(params, init).item() == pytest.approx(0.5 * n * 0.01, rel=1e-5)
+    with pytest.raises(ValueError, match="init"):
+        injection_reg(params, init[:-1])
+
+
+# ----------------------------------------------------------------- L_cropped
+
+
+def test_crop_batch_per_sample_offsets() -> None:
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    c = crop_batch(x, torch.tensor([[0, 0], [2, 1]]), 2)
+    assert torch.equal(c[0, 0], x[0, 0, :2, :2]) and torch.equal(c[1, 0], x[1, 0, 2:4, 1:3])
+    with pytest.raises(ValueError, match="does not fit"):
+        crop_batch(x, torch.tensor([[0, 0], [3, 0]]), 2)
+
+
+def test_cropped_zero_for_crop_equivariant_model() -> None:
+    """A pointwise model commutes with cropping; a crop-invariant reward then scores both orders alike."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 3, 1)  # crop(f(x)) == f(crop(x)) exactly
+    colors = torch.rand(4, 3, 1, 1)
+    x = colors.expand(4, 3, 32, 32)  # spatially uniform images: the mean is crop-invariant
+
+    def reward(y: torch.Tensor) -> torch.Tensor:
+        return 10 * y.mean(dim=(1, 2, 3))
+
+    offsets = torch.tensor([[0, 0], [8, 3], [16, 16], [5, 11]])
+    s1 = reward(crop_batch(model(x), offsets, 16))
+    s2 = reward(model(crop_batch(x, offsets, 16)))
+    assert cropped_consistency(s1, s2).item() == pytest.approx(0.0, abs=1e-6)
+    # and on natural images too, for any reward, since the model is pointwise
+    z = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(crop_batch(model(z), offsets, 16), model(crop_batch(z, offsets, 16)))
+    # a zero-padded 3x3 convolution is not crop-equivariant at the crop border: the loss sees it
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def contrast(y: torch.Tensor) -> torch.Tensor:
+        return y.std(dim=(1, 2, 3))
+
+    assert cropped_consistency(contrast(crop_batch(conv(z), offsets, 16)),
+                               contrast(conv(crop_batch(z, offsets, 16)))).item() > 0
+
+
+def test_cropped_consistency_hand_value() -> None:
+    assert cropped_consistency(torch.tensor([1.0, 4.0]), torch.tensor([2.0, 2.0])).item() == pytest.approx(1.5)
+
+
+# ----------------------------------------------------------------- switches in a step
+
+
+def _toy_reward(y: torch.Tensor) -> torch.Tensor:
+    """A differentiable stand-in for the IQA reward: contrast on the 0..10 scale."""
+    return 10 * y.std(dim=(1, 2, 3))
+
+
+class _Recorder:
+    """Records the batch sizes of every call of the student passes."""
+
+    def __init__(self, passes: nn.Module) -> None:
+        self.calls: list[tuple[int, int | None]] = []
+        passes.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        crops = args[2] if len(args) > 2 else None
+        self.calls.append((args[0].shape[0], None if crops is None else crops.shape[0]))
+
+
+def _ctx(sw: Switches, losses: Losses = Losses(), top: float = 7.0) -> tuple[StepContext, _Recorder]:
+    torch.manual_seed(0)
+    student = build_model(TINY)
+    passes = StudentPasses(student)
+    rec = _Recorder(passes)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    init = [p.detach().clone() for p in student.injection_parameters()]
+    per = None
+    if sw.perceptual != "none":
+        from qtlib.train.perceptual import build_perceptual
+
+        per = build_perceptual(sw.perceptual)
+    ctx = StepContext(passes, student, opt, sw, losses, top, 16, _toy_reward, _toy_reward, per, init,
+                      torch.device("cpu"))
+    return ctx, rec
+
+
+def _batch(b: int = 3, p: int = 32) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    return Batch(
+        x=torch.rand(b, 3, p, p, generator=g), target=torch.rand(b, 3, p, p, generator=g),
+        weight=torch.ones(b, 1, p, p), cond=torch.tensor([3.0, 7.5, 5.0][:b]), s_poor=torch.full((b,), 3.0),
+        low=torch.full((b,), 4.0), crop_yx=torch.zeros(b, 2, dtype=torch.long),
+    )
+
+
+FULL = Switches("qualiteacher", True, True, "none", True, True)
+
+
+def test_full_step_batches_all_passes_in_one_call() -> None:
+    ctx, rec = _ctx(FULL)
+    out = train_step(ctx, _batch(), step=0)
+    # B at the conditions + the 2 samples below the top again at the top + B at the low levels; B crops
+    assert rec.calls == [(3 + 2 + 3, 3)]
+    for k in ("loss", "rec", "pref_first", "pref_second", "pref_reg", "cropped", "reward_high", "reward_low"):
+        assert math.isfinite(out.terms[k]), k
+    assert math.isnan(out.terms["per"])
+    assert out.terms["pref_reg"] == 0.0  # first step: the injection weights are still W_init
+
+
+@pytest.mark.parametrize(
+    ("sw", "off", "calls"),
+    [
+        (replace(FULL, preference=False), {"pref_first", "pref_second", "pref_reg", "reward_high"}, [(3 + 2, 3)]),
+        (replace(FULL, cropped=False), {"cropped"}, [(3 + 2 + 3, None)]),
+        (replace(FULL, preference=False, cropped=False), {"pref_first", "cropped"}, [(3, None)]),
+        (replace(FULL, score_condition=False, preference=False), {"pref_first"}, [(3, 3)]),
+    ],
+)
+def test_switches_turn_terms_off(sw: Switches, off: set[str], calls: list) -> None:
+    ctx, rec = _ctx(sw)
+    out = train_step(ctx, _batch(), step=0)
+    assert rec.calls == calls
+    for k in off:
+        assert math.isnan(out.terms[k]), k
+    assert math.isfinite(out.terms["rec"])
+
+
+def test_block_weighting_switch_changes_rec() -> None:
+    b = _batch()
+    b = replace(b, weight=torch.linspace(0.2, 1.8, 32).view(1, 1, 1, 32).expand(3, 1, 32, 32).contiguous())
+    on = train_step(_ctx(replace(FULL, preference=False, cropped=False))[0], b, 0).terms["rec"]
+    off = train_step(_ctx(replace(FULL, block_weighting=False, preference=False, cropped=False))[0], b, 0)
+    assert on != pytest.approx(off.terms["rec"])
+
+
+def test_start_steps_and_zero_weights() -> None:
+    losses = Losses(pref=PrefLoss(start=5), per=PerLoss(weight=0.0))
+    sw = replace(FULL, perceptual="nlpd")
+    assert active_terms(sw, losses, 4) == {"rec": True, "per": False, "pref": False, "cropped": True}
+    assert active_terms(sw, losses, 5)["pref"]
+    ctx, rec = _ctx(FULL, losses)
+    assert math.isnan(train_step(ctx, _batch(), step=4).terms["pref_first"])
+    assert math.isfinite(train_step(ctx, _batch(), step=5).terms["pref_first"])
+
+
+def test_perceptual_term_runs_with_nlpd() -> None:
+    ctx, _ = _ctx(replace(FULL, perceptual="nlpd", preference=False, cropped=False))
+    assert math.isfinite(train_step(ctx, _batch(), 0).terms["per"])
+
+
+def test_reward_config_keeps_members_that_score_the_size() -> None:
+    from qtlib.config import IQAConfig, Member
+    from qtlib.train.loop import reward_config
+
+    iqa = IQAConfig(ensemble=(Member("brisque", 0.5), Member("niqe", 0.5)))
+    assert reward_config(iqa, 96) == iqa
+    assert [m.metric for m in reward_config(iqa, 48).ensemble] == ["brisque"]  # NIQE needs 96 px
+    with pytest.raises(ValueError, match="no member"):
+        reward_config(IQAConfig(ensemble=(Member("niqe", 1.0),)), 48)
+
+
+def test_resolve_switches_methods_and_exceptions() -> None:
+    tc = TrainConfig(losses=Losses(per=PerLoss(kind="none")))
+    assert resolve_switches(tc, conditioned=True) == Switches("qualiteacher", True, True, "none", True, True)
+    for method in ("plain_mt", "filter_mt"):
+        sw = resolve_switches(replace(tc, method=method), conditioned=False)
+        assert (sw.score_condition, sw.block_weighting, sw.preference, sw.cropped) == (False,) * 4
+    with pytest.raises(ValueError, match="preference needs train.score_condition"):
+        resolve_switches(replace(tc, score_condition=False), conditioned=True)
+    with pytest.raises(ValueError, match="no score conditioning"):
+        resolve_switches(tc, conditioned=False)
+    assert not resolve_switches(replace(tc, losses=replace(tc.losses, pref=PrefLoss(weight=0))), True).preference
