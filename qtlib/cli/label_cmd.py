@@ -1,0 +1,77 @@
+"""``qt label`` and ``qt gate``: the pseudo-labeling and gating stages of one round."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qtlib.cli.errors import UserError
+from qtlib.config import ConfigError, load_config
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected k/K (e.g. 0/2), got {text!r}") from exc
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"shard k/K needs 0 <= k < K, got {text!r}")
+    return k, n
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    label = sub.add_parser("label", help="restore a shard of unlabeled images under 3 augmentations and score them")
+    label.add_argument("--teacher", required=True, type=Path, help="teacher checkpoint (.pt)")
+    label.add_argument("--images", required=True, type=Path, help="prepared images.zarr (from qt prepare)")
+    label.add_argument("--shard", type=_shard, default=(0, 1), help="k/K: this job's shard (default 0/1)")
+    label.add_argument("--round", dest="round_", type=int, default=0, help="round number r (default 0)")
+    label.add_argument("--out", required=True, type=Path, help="round folder: writes labels/ and ledger/")
+    label.add_argument("--config", default="config/config.yaml", help="YAML config (default: %(default)s)")
+    label.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: config device")
+    label.set_defaults(func=run_label)
+
+    gate = sub.add_parser("gate", help="dual-drop a round's ledger and update the top-k memory bank")
+    gate.add_argument("--round", dest="round_", type=int, required=True, help="round number r")
+    gate.add_argument("--ledger", nargs="+", required=True, type=Path, help="ledger shard files of round r")
+    gate.add_argument("--bank-prev", type=Path, default=None, help="bank.parquet of round r-1 (none for r=0)")
+    gate.add_argument("--out", required=True, type=Path, help="folder for gate.parquet and bank.parquet")
+    gate.add_argument("--config", default="config/config.yaml", help="YAML config (default: %(default)s)")
+    gate.set_defaults(func=run_gate_cmd)
+
+
+def _config(path: str):
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def run_label(args: argparse.Namespace) -> int:
+    from qtlib.label import label_shard
+
+    cfg = _config(args.config)
+    for p in (args.teacher, args.images):
+        if not p.exists():
+            raise UserError(f"{p}: no such file or folder")
+    k, n = args.shard
+    result = label_shard(args.teacher, args.images, k, n, args.out, args.round_, cfg.iqa, cfg.label,
+                         device=args.device or cfg.device)
+    print(f"labeled {result.n_images} images ({result.n_rows} labels, {result.n_nan} with NaN scores) -> "
+          f"{result.store}, {result.ledger}")
+    return 0
+
+
+def run_gate_cmd(args: argparse.Namespace) -> int:
+    from qtlib.gate import run_gate
+
+    cfg = _config(args.config)
+    for p in [*args.ledger, *([args.bank_prev] if args.bank_prev else [])]:
+        if not p.is_file():
+            raise UserError(f"{p}: no such file")
+    try:
+        result = run_gate(args.ledger, args.bank_prev, cfg.gate, len(cfg.label.augmentations),
+                          args.out / "gate.parquet", args.out / "bank.parquet")
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"round {args.round_}: tau1={result.tau1:.4g} tau2={result.tau2:.4g} {result.counts}")
+    return 0

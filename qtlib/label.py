@@ -1,0 +1,199 @@
+"""The label stage: the teacher's multi-augmentation pseudo-labels, scored, into Zarr + Parquet.
+
+For its shard of the prepared unlabeled images, the teacher restores every image
+under each augmentation (all views of a batch in one forward pass, eq. 1), the
+labels are quantized to uint8 (the pixels that are stored are the pixels that
+are scored), and the IQA ensemble scores each label whole and per block.
+
+Outputs (written to temporary names, renamed into place at the end):
+
+* ``labels/shard_{k}.zarr`` — a Zarr group, one chunk per image:
+  ``labels`` uint8 ``(N, K, 3, H, W)``; ``S`` float64 ``(N, K)``;
+  ``raw`` float64 ``(N, K, M)``; ``blocks_S`` float32 ``(N, K, gh, gw)``;
+  ``blocks_raw`` float32 ``(N, K, M, gh, gw)``; attributes: image ids, source
+  indices, augmentations, metrics, round, shard, teacher hash.
+* ``ledger/shard_{k}.parquet`` — one row per (image, augmentation), see
+  :mod:`qtlib.ledger`. Streamed batch by batch: memory does not grow with N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from tqdm import tqdm
+
+from qtlib import __version__
+from qtlib.augment import get_augmentations, restore_augmented
+from qtlib.config import IQAConfig, LabelConfig
+from qtlib.data import ImageStore
+from qtlib.data.store import commit_path, partial_path, remove_path
+from qtlib.iqa import Ensemble
+from qtlib.ledger import STATUS_NAN, STATUS_OK, LedgerWriter
+from qtlib.models import ScoreConditioned, load_model
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """What one label shard wrote."""
+
+    store: Path
+    ledger: Path
+    n_images: int
+    n_rows: int
+    n_nan: int
+
+
+def shard_indices(n: int, shard: int, n_shards: int) -> np.ndarray:
+    """Rows of shard ``shard`` of ``n_shards`` (contiguous, sizes differ by at most one)."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard: expected 0 <= k < {n_shards}, got {shard}")
+    return np.array_split(np.arange(n), n_shards)[shard]
+
+
+def file_hash(path: str | Path) -> str:
+    """First 16 hex digits of the sha256 of a file (the teacher's identity in the ledger)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` = CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _create_store(path: Path, n: int, k: int, size: tuple[int, int], metrics: list[str],
+                  grid: tuple[int, int], attrs: dict) -> zarr.Group:
+    h, w = size
+    m = len(metrics)
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("labels", shape=(n, k, 3, h, w), chunks=(1, k, 3, h, w), dtype="uint8")
+    group.create_array("S", shape=(n, k), chunks=(max(n, 1), k), dtype="float64", fill_value=np.nan)
+    group.create_array("raw", shape=(n, k, m), chunks=(max(n, 1), k, m), dtype="float64", fill_value=np.nan)
+    group.create_array("blocks_S", shape=(n, k, *grid), chunks=(1, k, *grid), dtype="float32", fill_value=np.nan)
+    group.create_array("blocks_raw", shape=(n, k, m, *grid), chunks=(1, k, m, *grid), dtype="float32",
+                       fill_value=np.nan)
+    group.attrs.update(attrs)
+    return group
+
+
+def _ledger_rows(ids: list[str], src: np.ndarray, rows: np.ndarray, aug_names: list[str], scores, blocks,
+                 metrics: list[str], meta: dict) -> pd.DataFrame:
+    b, k = len(ids), len(aug_names)
+    frame = pd.DataFrame({
+        "image_id": np.repeat(ids, k),
+        "source_index": np.repeat(src, k).astype(np.int32),
+        "round": np.int32(meta["round"]),
+        "shard": np.int32(meta["shard"]),
+        "index": np.repeat(rows, k).astype(np.int32),
+        "aug_index": np.tile(np.arange(k), b).astype(np.int8),
+        "augmentation": np.tile(aug_names, b),
+    })
+    for m in metrics:
+        frame[f"raw_{m}"] = scores.raw[m].double().cpu().numpy()
+    for m in metrics:
+        frame[f"norm_{m}"] = scores.normalized[m].double().cpu().numpy()
+    s = scores.S.double().cpu().numpy()
+    frame["S"] = s
+    frame["blocks_S"] = list(blocks.S.flatten(1).float().cpu().numpy())
+    finite = np.isfinite(frame[[f"raw_{m}" for m in metrics] + ["S"]].to_numpy()).all(axis=1)
+    frame["teacher_hash"] = meta["teacher_hash"]
+    frame["metric_versions"] = meta["metric_versions"]
+    frame["qtlib_version"] = __version__
+    frame["status"] = np.where(finite, STATUS_OK, STATUS_NAN)
+    return frame
+
+
+@torch.no_grad()
+def label_shard(
+    teacher: str | Path,
+    images: str | Path,
+    shard: int,
+    n_shards: int,
+    out_dir: str | Path,
+    round_: int,
+    iqa_cfg: IQAConfig,
+    label_cfg: LabelConfig,
+    device: str = "auto",
+    progress: bool = True,
+) -> LabelResult:
+    """Label one shard of the prepared unlabeled images with the teacher.
+
+    Args:
+        teacher: teacher checkpoint (its EMA weights are used when present).
+        images: the prepared ``images.zarr`` (its ``manifest.parquet`` beside it).
+        shard, n_shards: which shard of the rows (k of K).
+        out_dir: the round folder; writes ``labels/shard_{k}.zarr`` and ``ledger/shard_{k}.parquet``.
+        round_: the round number r recorded in every row.
+        iqa_cfg: the ensemble; label_cfg: batch size and augmentations.
+        device: cpu, cuda or auto.
+
+    Returns:
+        :class:`LabelResult` with the written paths and counts.
+    """
+    dev = resolve_device(device)
+    out_dir = Path(out_dir)
+    store_final = out_dir / "labels" / f"shard_{shard}.zarr"
+    ledger_final = out_dir / "ledger" / f"shard_{shard}.parquet"
+    prepared = ImageStore(images)
+    rows = shard_indices(len(prepared.ids), shard, n_shards)
+    model = load_model(teacher, use_ema=True, device=str(dev))
+    top = float(model.cfg.top_score) if isinstance(model, ScoreConditioned) else None
+    augs = get_augmentations(label_cfg.augmentations)
+    aug_names = [a.name for a in augs]
+    ensemble = Ensemble(iqa_cfg, device=dev)
+    metrics = list(ensemble.members)
+    meta = {"round": round_, "shard": shard, "teacher_hash": file_hash(teacher),
+            "metric_versions": json.dumps(ensemble.versions(), sort_keys=True)}
+    attrs = {**meta, "image_ids": [prepared.ids[i] for i in rows], "source_indices": rows.tolist(),
+             "augmentations": aug_names, "metrics": metrics, "qtlib_version": __version__}
+
+    store_final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_store = partial_path(store_final)
+    remove_path(tmp_store)
+    group = _create_store(tmp_store, len(rows), len(augs), prepared.shape[2:], metrics, iqa_cfg.blocks, attrs)
+
+    def restore(x: torch.Tensor) -> torch.Tensor:
+        return model(x, top) if top is not None else model(x)
+
+    n_nan = 0
+    bs = label_cfg.batch_size
+    try:
+        with LedgerWriter(ledger_final, metrics) as writer:
+            for start in tqdm(range(0, len(rows), bs), desc=f"label r{round_} shard {shard}/{n_shards}",
+                              disable=not progress, unit="batch"):
+                batch_rows = rows[start:start + bs]
+                x = prepared.read_tensor(batch_rows).to(dev)
+                pls = restore_augmented(restore, x, augs).clamp_(0, 1)
+                q = pls.mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
+                flat = q.flatten(0, 1).float().div_(255.0)
+                scores = ensemble.score(flat)
+                blocks = ensemble.score_blocks(flat)
+                sl = slice(start, start + len(batch_rows))
+                b, k = len(batch_rows), len(augs)
+                group["labels"][sl] = q.cpu().numpy()
+                group["S"][sl] = scores.S.double().cpu().numpy().reshape(b, k)
+                group["raw"][sl] = torch.stack([scores.raw[m] for m in metrics], -1).double().cpu().numpy() \
+                    .reshape(b, k, -1)
+                group["blocks_S"][sl] = blocks.S.float().cpu().numpy().reshape(b, k, *iqa_cfg.blocks)
+                group["blocks_raw"][sl] = torch.stack([blocks.raw[m] for m in metrics], 1).float().cpu() \
+                    .numpy().reshape(b, k, len(metrics), *iqa_cfg.blocks)
+                frame = _ledger_rows([prepared.ids[i] for i in batch_rows], batch_rows,
+                                     np.arange(start, start + b), aug_names, scores, blocks, metrics, meta)
+                n_nan += int((frame["status"] != STATUS_OK).sum())
+                writer.write(frame)
+        commit_path(tmp_store, store_final)
+    finally:
+        remove_path(tmp_store)
+    return LabelResult(store_final, ledger_final, len(rows), len(rows) * len(augs), n_nan)

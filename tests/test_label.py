@@ -1,0 +1,152 @@
+"""The label stage on real Zarr stores with real pyiqa metrics and a real (tiny) teacher."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+from qtlib.augment import get_augmentations, restore_augmented
+from qtlib.config import IQAConfig, LabelConfig, ModelConfig, UNetConfig
+from qtlib.data import ImageStore
+from qtlib.data.store import StoreWriter, commit_path
+from qtlib.gate import gate_round
+from qtlib.config import GateConfig
+from qtlib.label import label_shard, shard_indices
+from qtlib.ledger import ledger_schema, load, read_ledger
+from qtlib.models import Checkpoint, build_model, load_model, save_checkpoint
+
+SIZE = 192  # NIQE scores 96 px blocks, so 2x2 blocks need 192 px
+IQA = IQAConfig(batch_size=8)
+
+
+def _photo_crops(n: int) -> np.ndarray:
+    """n crops (uint8, n x 3 x 192 x 192) of skimage photos, with a flat gray image last."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    out = []
+    for i in range(n - 1):
+        p = photos[i % len(photos)]
+        y, x = (i * 37) % (p.shape[0] - SIZE), (i * 53) % (p.shape[1] - SIZE)
+        out.append(p[y:y + SIZE, x:x + SIZE].transpose(2, 0, 1))
+    out.append(np.full((3, SIZE, SIZE), 128, dtype=np.uint8))  # a flat image: the metrics must not crash
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("label")
+    pixels = _photo_crops(6)
+    writer = StoreWriter(root / "images.zarr", len(pixels), SIZE)
+    for i, img in enumerate(pixels):
+        writer.append(f"img{i}", img.transpose(1, 2, 0))
+    writer.close({})
+    commit_path(writer.tmp, root / "images.zarr")
+    torch.manual_seed(0)
+    cfg = ModelConfig(unet=UNetConfig(width=4, depth=2))
+    model = build_model(cfg)
+    with torch.no_grad():  # make the teacher position-dependent so augmentations give different labels
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    teacher = save_checkpoint(root / "teacher.pt", Checkpoint("pretrain", cfg, model.state_dict()))
+    return {"root": root, "images": root / "images.zarr", "teacher": teacher}
+
+
+@pytest.fixture(scope="module")
+def labeled(setup: dict[str, Path]) -> Path:
+    """Two shards labeled concurrently (two threads, as two Snakemake jobs would)."""
+    out = setup["root"] / "round_0"
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            label_shard(setup["teacher"], setup["images"], k, 2, out, 0, IQA, LabelConfig(batch_size=2),
+                        device="cpu", progress=False)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return out
+
+
+def test_shard_indices_partition() -> None:
+    parts = [shard_indices(10, k, 3) for k in range(3)]
+    assert np.array_equal(np.concatenate(parts), np.arange(10))
+    with pytest.raises(ValueError, match="shard"):
+        shard_indices(10, 3, 3)
+
+
+def test_ledger_has_three_rows_per_image_and_its_schema(labeled: Path) -> None:
+    for k in range(2):
+        path = labeled / "ledger" / f"shard_{k}.parquet"
+        assert pq.read_schema(path).equals(ledger_schema(["brisque", "niqe"]), check_metadata=False)
+    ledger = load(labeled.parent)
+    assert len(ledger) == 18
+    assert ledger.groupby("image_id").size().eq(3).all()
+    assert set(ledger["augmentation"]) == {"hflip", "vflip", "rot90"}
+    assert ledger["source_index"].nunique() == 6
+    assert json.loads(ledger["metric_versions"].iloc[0])
+
+
+def test_concurrent_shards_read_back_intact_and_match_ledger(labeled: Path, setup: dict[str, Path]) -> None:
+    ledger = read_ledger([labeled / "ledger" / f"shard_{k}.parquet" for k in range(2)])
+    model = load_model(setup["teacher"])
+    images = ImageStore(setup["images"])
+    augs = get_augmentations(["hflip", "vflip", "rot90"])
+    for k in range(2):
+        group = zarr.open_group(str(labeled / "labels" / f"shard_{k}.zarr"), mode="r")
+        rows = shard_indices(6, k, 2)
+        assert group["labels"].shape == (3, 3, 3, SIZE, SIZE) and group["labels"].dtype == np.uint8
+        assert group.attrs["source_indices"] == rows.tolist()
+        part = ledger[ledger["shard"] == k].sort_values(["index", "aug_index"])
+        np.testing.assert_allclose(group["S"][:].reshape(-1), part["S"].to_numpy(), equal_nan=True)
+        # The stored pixels are the teacher's labels under each augmentation, mapped back.
+        with torch.no_grad():
+            x = images.read_tensor(rows[:1])
+            expected = restore_augmented(lambda t: model(t, 7.0), x, augs).clamp(0, 1).mul(255).round()
+        assert torch.equal(torch.from_numpy(group["labels"][0:1]).float(), expected)
+        blocks = np.stack(part["blocks_S"].to_numpy())
+        np.testing.assert_allclose(group["blocks_S"][:].reshape(-1, 4), blocks, rtol=1e-6, equal_nan=True)
+
+
+def test_nan_scores_get_a_status_and_are_kept_out_of_the_bank(labeled: Path) -> None:
+    from qtlib.iqa.ensemble import BlockScores, EnsembleScores
+    from qtlib.label import _ledger_rows
+
+    s = torch.tensor([5.0, float("nan"), 6.0])
+    raw = {"brisque": torch.tensor([10.0, 20.0, float("inf")]), "niqe": torch.tensor([3.0, 4.0, 5.0])}
+    scores = EnsembleScores(raw=raw, normalized={k: v / 100 for k, v in raw.items()}, S=s)
+    blocks = BlockScores(raw={k: torch.zeros(3, 2, 2) for k in raw}, normalized={k: torch.zeros(3, 2, 2) for k in raw},
+                         S=torch.zeros(3, 2, 2), grid=(2, 2))
+    meta = {"round": 0, "shard": 0, "teacher_hash": "x", "metric_versions": "{}"}
+    frame = _ledger_rows(["a"], np.array([0]), np.array([0]), ["hflip", "vflip", "rot90"], scores, blocks,
+                         ["brisque", "niqe"], meta)
+    assert list(frame["status"]) == ["ok", "nan_score", "nan_score"]
+    ledger = load(labeled.parent)
+    ledger["status"] = ledger["status"].astype(str)
+    ledger.loc[ledger["image_id"] == ledger["image_id"].iloc[0], "status"] = "nan_score"
+    result = gate_round(ledger, None, GateConfig(tau1=1.0, tau2=1.0), n_aug=3)
+    assert result.counts["invalid"] == 1
+    assert ledger["image_id"].iloc[0] not in set(result.bank["image_id"])
+
+
+def test_rerun_replaces_store_atomically(labeled: Path, setup: dict[str, Path]) -> None:
+    before = zarr.open_group(str(labeled / "labels" / "shard_0.zarr"), mode="r")["S"][:]
+    label_shard(setup["teacher"], setup["images"], 0, 2, labeled, 0, IQA, LabelConfig(batch_size=2),
+                device="cpu", progress=False)
+    after = zarr.open_group(str(labeled / "labels" / "shard_0.zarr"), mode="r")["S"][:]
+    np.testing.assert_array_equal(before, after)  # same teacher and batches: identical labels
+    leftovers = [p.name for p in (labeled / "labels").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
