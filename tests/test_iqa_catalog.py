@@ -144,3 +144,16 @@ def test_gradcheck_topiq_random_weights() -> None:
     x = natural_images(1, 128)
     grad = _input_gradient("topiq_nr", x, pretrained=False, backbone_pretrain=False)
     assert grad is not None and bool((grad != 0).any()) == CATALOG["topiq_nr"].differentiable
+
+
+@pytest.mark.parametrize("name", ["brisque", "niqe", "piqe", "entropy", "psnr", "ssim"])
+def test_min_size_is_accepted(name: str, prepared) -> None:  # noqa: F811
+    side = CATALOG[name].min_size
+    metric = create_metric(name)
+    x = natural_images(1, 128)[..., :side, :side].contiguous()
+    with torch.no_grad():
+        out = metric(x, x * 0.9) if CATALOG[name].needs_reference else metric(x)
+    assert torch.isfinite(out).all()
+    if name in ("niqe", "ssim"):  # a hard limit (96 px blocks, 11 px window): one pixel less fails
+        with pytest.raises(RuntimeError):
+            metric(x[..., :-1, :-1], x[..., :-1, :-1]) if CATALOG[name].needs_reference else metric(x[..., :-1, :-1])

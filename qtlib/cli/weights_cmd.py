@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--force", action="store_true", help="rebuild even if the present files verify")
     prep.add_argument(
         "--download", default="", metavar="M1,M2",
-        help="also download these metrics' weights now (needs internet), e.g. musiq,clipiqa",
+        help="also download these metrics' weights now into the default caches (needs internet), e.g. musiq,clipiqa",
     )
     prep.set_defaults(func=run_prepare)
     stat = inner.add_parser("status", help="list every catalog metric's weight files: present or missing, and where")

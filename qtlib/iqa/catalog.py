@@ -132,7 +132,7 @@ class MetricInfo:
         gradient_note: how the gradient was measured, or why it is absent.
         weights: files loaded at construction (empty: works offline as is).
         needs_reference: full-reference metric (pyiqa ``metric_mode == 'FR'``).
-        min_size: smallest image side the metric accepts.
+        min_size: smallest image side the metric accepts (measured where it builds offline).
     """
 
     name: str
@@ -165,14 +165,27 @@ def parse_score_range(text: str) -> tuple[float, float, bool]:
     return lo, hi, is_open
 
 
-# What pyiqa's metadata does not say. One row per metric:
-#   weights, range override (lo, hi, why) or None to use pyiqa's score_range,
-#   differentiable, gradient note, min_size.
-# File names are those in each arch's `default_model_urls` (pyiqa 0.1.16); a test
-# checks them against pyiqa's source.
+@dataclass(frozen=True)
+class _Facts:
+    """What pyiqa's metadata does not say about a metric (see :class:`MetricInfo`).
+
+    ``norm_range`` is ``(lo, hi, why)`` to override pyiqa's ``score_range``, or None.
+    ``min_size`` is measured for the metrics that build offline (the smallest side
+    giving a finite score); for the others it is the arch's input crop, not measured.
+    Weight file names are those in each arch's ``default_model_urls`` (pyiqa 0.1.16);
+    a test checks them against pyiqa's source.
+    """
+
+    weights: tuple[WeightFile, ...]
+    norm_range: tuple[float, float, str] | None
+    differentiable: bool
+    gradient_note: str
+    min_size: int
+
+
 _P = "qt weights prepare"
-_SPECS: dict[str, dict] = {
-    "brisque": dict(
+_FACTS: dict[str, _Facts] = {
+    "brisque": _Facts(
         weights=(WeightFile("pyiqa", "brisque_svm_weights.pth", _P),),
         norm_range=(0.0, 100.0, "paper (QualiTeacher sec. 3): 100 - BRISQUE, normalized; "
                     "pyiqa's open '~0, ~150' would put clean photos near 0.95"),
@@ -180,7 +193,7 @@ _SPECS: dict[str, dict] = {
         gradient_note="measured: non-zero on every pixel",
         min_size=16,
     ),
-    "niqe": dict(
+    "niqe": _Facts(
         weights=(WeightFile("pyiqa", "niqe_modelparameters.mat", _P),),
         norm_range=(0.0, 20.0, "qtlib: natural photos score 2-10, heavy distortions up to ~20 "
                     "(pyiqa ResultsCalibra I03 = 15.65); pyiqa's open '~0, ~100' would squeeze "
@@ -189,56 +202,56 @@ _SPECS: dict[str, dict] = {
         gradient_note="measured: partial, non-zero only inside the crop to multiples of 96 px",
         min_size=96,
     ),
-    "piqe": dict(
+    "piqe": _Facts(
         weights=(),
         norm_range=None,
         differentiable=False,
         gradient_note="measured: gradient is zero everywhere (thresholded block masks)",
         min_size=16,
     ),
-    "entropy": dict(
+    "entropy": _Facts(
         weights=(),
         norm_range=None,
         differentiable=False,
         gradient_note="measured: no gradient (histogram of quantized values)",
         min_size=1,
     ),
-    "musiq": dict(
+    "musiq": _Facts(
         weights=(WeightFile("pyiqa", "musiq_koniq_ckpt-e95806b9.pth"),),
         norm_range=None,
         differentiable=True,
         gradient_note="measured with random weights: non-zero",
         min_size=32,
     ),
-    "clipiqa": dict(
+    "clipiqa": _Facts(
         weights=(WeightFile("clip", "RN50.pt"),),
         norm_range=None,
         differentiable=True,
         gradient_note="measured with a random RN50: non-zero",
         min_size=32,
     ),
-    "topiq_nr": dict(
+    "topiq_nr": _Facts(
         weights=(WeightFile("pyiqa", "cfanet_nr_koniq_res50-9a73138b.pth"), WeightFile("timm", "resnet50")),
         norm_range=None,
         differentiable=True,
         gradient_note="measured with random weights (pretrained=False, backbone_pretrain=False): non-zero",
         min_size=32,
     ),
-    "maniqa": dict(
+    "maniqa": _Facts(
         weights=(WeightFile("pyiqa", "ckpt_koniq10k.pt"), WeightFile("timm", "vit_base_patch8_224")),
         norm_range=None,
         differentiable=False,
         gradient_note="not measured (its timm backbone always downloads); treated as not differentiable",
         min_size=224,
     ),
-    "hyperiqa": dict(
+    "hyperiqa": _Facts(
         weights=(WeightFile("pyiqa", "HyperIQA-resnet50-koniq10k-c96c41b1.pth"), WeightFile("timm", "resnet50")),
         norm_range=None,
         differentiable=False,
         gradient_note="not measured (its timm backbone always downloads); treated as not differentiable",
         min_size=224,
     ),
-    "arniqa": dict(
+    "arniqa": _Facts(
         weights=(
             WeightFile("torch_checkpoints", "resnet50-0676ba61.pth"),
             WeightFile("torch_checkpoints", "ARNIQA.pth"),
@@ -249,21 +262,21 @@ _SPECS: dict[str, dict] = {
         gradient_note="not measured (torchvision backbone always downloads); treated as not differentiable",
         min_size=32,
     ),
-    "liqe": dict(
+    "liqe": _Facts(
         weights=(WeightFile("clip", "ViT-B-32.pt"), WeightFile("pyiqa", "liqe_koniq.pt")),
         norm_range=None,
         differentiable=False,
         gradient_note="not measured; treated as not differentiable",
         min_size=224,
     ),
-    "psnr": dict(
+    "psnr": _Facts(
         weights=(),
         norm_range=(0.0, 50.0, "qtlib: pyiqa's open '~0, ~40' clips good restorations; 50 dB covers them"),
         differentiable=True,
         gradient_note="measured: non-zero",
         min_size=1,
     ),
-    "ssim": dict(
+    "ssim": _Facts(
         weights=(),
         norm_range=None,
         differentiable=True,
@@ -273,12 +286,11 @@ _SPECS: dict[str, dict] = {
 }
 
 
-def _build(name: str, spec: dict) -> MetricInfo:
+def _build(name: str, facts: _Facts) -> MetricInfo:
     meta = DEFAULT_CONFIGS[name]
     lo, hi, is_open = parse_score_range(meta["score_range"])
-    override = spec["norm_range"]
-    if override is not None:
-        lo, hi, source = override
+    if facts.norm_range is not None:
+        lo, hi, source = facts.norm_range
     elif is_open:
         source = f"pyiqa score_range {meta['score_range']!r}, approximate ends taken as the range"
     else:
@@ -290,15 +302,15 @@ def _build(name: str, spec: dict) -> MetricInfo:
         score_range=meta["score_range"],
         norm_range=(float(lo), float(hi)),
         range_source=source,
-        differentiable=spec["differentiable"],
-        gradient_note=spec["gradient_note"],
-        weights=spec["weights"],
+        differentiable=facts.differentiable,
+        gradient_note=facts.gradient_note,
+        weights=facts.weights,
         needs_reference=meta["metric_mode"] == "FR",
-        min_size=spec["min_size"],
+        min_size=facts.min_size,
     )
 
 
-CATALOG: dict[str, MetricInfo] = {name: _build(name, spec) for name, spec in _SPECS.items()}
+CATALOG: dict[str, MetricInfo] = {name: _build(name, facts) for name, facts in _FACTS.items()}
 
 
 class UnknownMetricError(KeyError):

@@ -23,7 +23,7 @@ import pyiqa
 import torch
 from pyiqa.models.inference_model import InferenceModel
 
-from qtlib.iqa.catalog import MetricInfo, WeightFile, get_info
+from qtlib.iqa.catalog import MetricInfo, WeightFile, get_info, pyiqa_cache_dir
 
 _log = logging.getLogger(__name__)
 
@@ -31,13 +31,14 @@ _log = logging.getLogger(__name__)
 class MissingWeightsError(RuntimeError):
     """A metric's weight file is not in its cache and downloading is off."""
 
-    def __init__(self, metric: str, file: str, folder: str, hint: str) -> None:
+    def __init__(self, metric: str, file: str | None, folder: str, hint: str, detail: str = "") -> None:
         self.metric = metric
         self.file = file
         self.folder = folder
-        super().__init__(
-            f"metric {metric!r} needs weight file {file!r}, missing from {folder}; {hint}"
+        what = f"needs weight file {file!r}, missing from {folder}" if file else (
+            f"needs a weight file that is not in {folder} or the Hugging Face cache ({detail})"
         )
+        super().__init__(f"metric {metric!r} {what}; {hint}".replace("\n", " "))
 
 
 def _hint(metric: str, weight: WeightFile | None) -> str:
@@ -132,8 +133,9 @@ def create_metric(
             _log.debug("pyiqa %s: %s", name, printed.getvalue().strip())
     except _network_errors() as exc:
         # a file the catalog does not list (or chose_weights with a missing backbone)
+        fetch = "download failed" if allow_download else "downloads are off"
         raise MissingWeightsError(
-            info.name, f"(a file pyiqa tried to fetch: {type(exc).__name__}: {exc})".replace("\n", " "),
-            str(info.weights[0].path().parent) if info.weights else "pyiqa's cache", _hint(info.name, None),
+            info.name, None, str(pyiqa_cache_dir()), _hint(info.name, None),
+            detail=f"{fetch}: {type(exc).__name__}: {str(exc)[:200]}",
         ) from exc
     return metric.eval()
