@@ -17,7 +17,7 @@ from qtlib.models import (
     build_model,
     sinusoidal_encoding,
 )
-from qtlib.models.conditioning import DiscreteEmbedding
+from qtlib.models.conditioning import DiscreteEmbedding, SinusoidalEmbedding
 
 EMBEDDINGS = ("sinusoidal", "discrete")
 
@@ -130,6 +130,12 @@ def test_sinusoidal_encoding_eq6() -> None:
                 math.cos(2 * math.pi * 0.3), math.sin(4 * math.pi * 0.3), math.cos(4 * math.pi * 0.3)]
     torch.testing.assert_close(g[1], torch.tensor(expected))
     torch.testing.assert_close(g[0], torch.tensor([0.0, 1.0] * 3))
+    # the module's fused form feeds S / 10 through the same encoding
+    emb = SinusoidalEmbedding(bands=3, hidden=4, channels=[2])
+    scores = torch.tensor([0.0, 3.0, 7.0])
+    torch.testing.assert_close(torch.sin(torch.addcmul(emb.phase, scores[:, None], emb.freqs)),
+                               sinusoidal_encoding(scores / 10, 3), atol=1e-6, rtol=0)
+    assert "freqs" not in emb.state_dict()
 
 
 def test_discrete_levels_floor_and_merge_top() -> None:

@@ -88,7 +88,7 @@ def prepare_scores(score: Score, batch: int, top_score: float, device: torch.dev
     if isinstance(score, (int, float)):
         if not math.isfinite(score):
             raise ValueError(f"score: expected a finite number, got {score}")
-        return torch.full((batch,), float(score), device=device).clamp_(0.0, top_score)
+        return torch.full((batch,), min(max(float(score), 0.0), top_score), device=device)
     if not isinstance(score, torch.Tensor):
         raise TypeError(f"score: expected a tensor, a number or None, got {type(score).__name__}")
     s = score.detach().to(device=device, dtype=torch.float32)
@@ -107,11 +107,21 @@ def sinusoidal_encoding(s: torch.Tensor, bands: int) -> torch.Tensor:
 
 
 class SinusoidalEmbedding(nn.Module):
-    """Eq. (5): a shared MLP trunk on gamma(S/10) and one zero-initialized output layer per injection point."""
+    """Eq. (5): a shared MLP trunk on gamma(S/10) and one zero-initialized output layer per injection point.
+
+    gamma is computed as ``sin(S * f + phase)`` with precomputed ``f = 2^k pi / 10`` and
+    ``phase`` 0 (sin) or pi/2 (cos): two kernels instead of eight, which matters on a
+    GPU where a small model's forward is bound by kernel launches.
+    """
 
     def __init__(self, bands: int, hidden: int, channels: Sequence[int]) -> None:
         super().__init__()
         self.bands = bands
+        freqs = (math.pi / 10.0) * 2.0 ** torch.arange(bands, dtype=torch.float32).repeat_interleave(2)
+        phase = torch.tensor([0.0, math.pi / 2]).repeat(bands)
+        # Constants, not state: non-persistent, so checkpoints hold only learned weights.
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("phase", phase, persistent=False)
         self.trunk = nn.Sequential(nn.Linear(2 * bands, hidden), nn.SiLU())
         self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in channels)
         for head in self.heads:
@@ -120,7 +130,7 @@ class SinusoidalEmbedding(nn.Module):
 
     def forward(self, score: torch.Tensor) -> list[torch.Tensor]:
         """(B,) scores on the 0..10 scale -> one (B, C_i) embedding per injection point."""
-        h = self.trunk(sinusoidal_encoding(score / 10.0, self.bands))
+        h = self.trunk(torch.sin(torch.addcmul(self.phase, score[:, None], self.freqs)))
         return [head(h) for head in self.heads]
 
 
@@ -136,7 +146,8 @@ class DiscreteEmbedding(nn.Module):
 
     def forward(self, score: torch.Tensor) -> list[torch.Tensor]:
         """(B,) scores on the 0..10 scale -> one (B, C_i) embedding per injection point."""
-        level = score.floor().long().clamp(0, self.levels - 1)
+        # Scores arrive clamped to >= 0 (prepare_scores), where truncation is floor.
+        level = score.long().clamp_(max=self.levels - 1)
         return [table(level) for table in self.tables]
 
 
