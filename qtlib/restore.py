@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qtlib.imageio import list_images, read_image, write_image
+from qtlib.imageio import IMAGE_EXTENSIONS, list_images, read_image, write_image
 from qtlib.models import ScoreConditioned, size_multiple
 
 ScoreArg = float | torch.Tensor
@@ -141,7 +141,10 @@ def restore_tensor(
     """
     if x.ndim != 4:
         raise ValueError(f"x: expected shape (B, C, H, W), got {tuple(x.shape)}")
-    scores = torch.as_tensor(score, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    scores = torch.as_tensor(score, dtype=torch.float32, device=x.device)
+    if scores.numel() not in (1, x.shape[0]):
+        raise ValueError(f"score: expected a number or shape ({x.shape[0]},), got {tuple(scores.shape)}")
+    scores = scores.reshape(-1).expand(x.shape[0])
     if tile is None or (x.shape[-2] <= tile and x.shape[-1] <= tile):
         return _forward(model, x, scores)
     return torch.stack([
@@ -155,6 +158,8 @@ def output_paths(src: Path, dst: Path) -> list[tuple[Path, Path]]:
     A single file goes to ``dst`` when ``dst`` ends in ``.png``, else into folder ``dst``.
     """
     if src.is_file():
+        if dst.suffix.lower() in IMAGE_EXTENSIONS and dst.suffix.lower() != ".png":
+            raise ValueError(f"{dst}: outputs are PNG files; name the output .png or give a folder")
         return [(src, dst if dst.suffix.lower() == ".png" else dst / f"{src.stem}.png")]
     files = list_images(src)
     if not files:

@@ -157,6 +157,10 @@ def test_exception_restore_path(tmp_path: Path) -> None:
         restore_path(model, tmp_path / "nope", tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="overlap: expected 0 <= overlap < tile"):
         restore_path(model, tmp_path / "in", tmp_path / "out", tile=16, overlap=16, progress=False)
+    with pytest.raises(ValueError, match="outputs are PNG files"):
+        restore_path(model, tmp_path / "in" / "x.png", tmp_path / "y.jpg", progress=False)
+    with pytest.raises(ValueError, match=r"score: expected a number or shape \(1,\)"):
+        restore_tensor(model, torch.rand(1, 3, 8, 8), torch.tensor([1.0, 2.0]))
 
 
 @pytest.fixture
