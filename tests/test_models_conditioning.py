@@ -227,6 +227,14 @@ def test_custom_backbone_plug_and_play(cls: type[nn.Module], point: str, embeddi
     assert not torch.equal(model(x, 1.0), model(x, 6.0))
 
 
+def test_injection_point_off_the_forward_path() -> None:
+    backbone = TinyBackbone()
+    backbone.unused = nn.Conv2d(6, 6, 1)
+    model = ScoreConditioned(backbone, ConditioningConfig(injection=("mid", "unused")))
+    with pytest.raises(RuntimeError, match="injection: unused never ran in TinyBackbone.forward"):
+        model(torch.rand(1, 3, 5, 5))
+
+
 def test_custom_backbone_uninferable_channels() -> None:
     with pytest.raises(ValueError, match="cannot infer the channels of 'act'.*injection_channels"):
         ScoreConditioned(TinyBackbone(), ConditioningConfig(injection=("act",)))

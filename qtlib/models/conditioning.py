@@ -152,9 +152,10 @@ class DiscreteEmbedding(nn.Module):
 
 
 def _add_embedding(
-    module: nn.Module, args: tuple, output: torch.Tensor, *, name: str, emb: torch.Tensor
+    module: nn.Module, args: tuple, output: torch.Tensor, *, name: str, emb: torch.Tensor, fired: list[str]
 ) -> torch.Tensor:
-    """Forward hook: ``output + emb`` broadcast over space (eq. 7)."""
+    """Forward hook: ``output + emb`` broadcast over space (eq. 7); records that it ran in ``fired``."""
+    fired.append(name)
     if not isinstance(output, torch.Tensor) or output.ndim != 4 or output.shape[:2] != emb.shape:
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise ValueError(f"injection '{name}': expected an output of shape {tuple(emb.shape)} + (H, W), got {got}")
@@ -196,18 +197,30 @@ class ScoreConditioned(nn.Module):
         return dict(zip(self.cfg.injection, self.embedding(s), strict=True))
 
     def forward(self, x: torch.Tensor, score: Score = None) -> torch.Tensor:
+        """Run the backbone with the score embedding added at each injection point.
+
+        A module called twice in one forward (weight sharing) receives the embedding each time.
+
+        Raises:
+            RuntimeError: an injection module never ran (it is not on the backbone's forward path).
+        """
         embeddings = self.embed(score, x.shape[0], x.device)
+        fired: list[str] = []
         handles = [
             self.backbone.get_submodule(name).register_forward_hook(
-                functools.partial(_add_embedding, name=name, emb=emb)
+                functools.partial(_add_embedding, name=name, emb=emb, fired=fired)
             )
             for name, emb in embeddings.items()
         ]
         try:
-            return self.backbone(x)
+            out = self.backbone(x)
         finally:
             for handle in handles:
                 handle.remove()
+        if len(fired) < len(embeddings):
+            missing = sorted(set(embeddings) - set(fired))
+            raise RuntimeError(f"injection: {', '.join(missing)} never ran in {type(self.backbone).__name__}.forward")
+        return out
 
     def injection_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the score embedding (for L_reg = 1/2 sum ||W - W_init||^2, eq. 8)."""
