@@ -20,7 +20,7 @@ batch-invariant reward: pyiqa 0.1.16's BRISQUE is not (the same image scores
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ SIZE = 128
 
 SETTINGS = {
     "seed": 0,
-    "device": "cpu",
+    "device": os.environ.get("QT_TEST_DEVICE", "cpu"),  # cuda: the same checks on a GPU
     "iqa": {"ensemble": [{"metric": "brisque", "weight": 1.0}], "blocks": [2, 2], "batch_size": 8},
     "model": {"backbone": "unet", "unet": {"width": 4, "depth": 2}},
     "pretrain": {"steps": 4, "batch_size": 2, "patch_size": 64, "lr": 1e-3, "checkpoint_every": 2,

@@ -447,46 +447,66 @@ def _try_resume(inp: RoundInputs, fp: str) -> Checkpoint | None:
     return ckpt
 
 
-def run_round(world: ddp.World, inp: RoundInputs, reward: RewardFn | None = None) -> TrainResult:
-    """The body of a round on one rank (see :func:`train_one_round`)."""
-    t0 = time.perf_counter()
+@dataclass
+class _Round:
+    """What one rank holds during a round (built by :func:`_prepare`)."""
+
+    inp: RoundInputs
+    world: ddp.World
+    mc: ModelConfig
+    student: nn.Module
+    opt: torch.optim.Optimizer
+    ema: EMA | None
+    ctx: StepContext
+    samples_n: int
+    reader: BankReader
+    crop: int
+    global_batch: int
+    per_epoch: int
+    total: int
+    extra: dict
+
+
+def _start_state(inp: RoundInputs, r_student: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
+                 start_ckpt: Checkpoint, fp: str, world: ddp.World) -> _State:
+    """The state to start from: the step checkpoint when one applies, else step 0 of the round."""
+    st = _State(0, int(start_ckpt.extra.get("global_step", 0)) if start_ckpt.kind == "student" else 0, [])
+    resumed = _try_resume(inp, fp)
+    if resumed is None:
+        return st
+    r_student.load_state_dict(resumed.model_state)
+    opt.load_state_dict(resumed.optimizer_state)
+    if ema is not None:
+        ema.load_state_dict(resumed.ema_state)
+    if resumed.rng and world.is_main:
+        restore_rng_state(resumed.rng)
+    _log.info("round %d: resuming at step %d", inp.round, resumed.step)
+    return _State(resumed.step, int(resumed.extra["global_step"]), list(resumed.extra.get("log", [])))
+
+
+def _prepare(world: ddp.World, inp: RoundInputs, reward: RewardFn | None) -> tuple[_Round, _State, dict]:
     cfg, tc, dev = inp.cfg, inp.cfg.train, world.device
     determinism = set_determinism(tc.deterministic)
     seed_everything(process_seed(cfg.seed, inp.round, world.rank))
     student, start_ckpt = _load_student(inp.student, dev)
     mc = start_ckpt.model_config
     conditioned = isinstance(student, ScoreConditioned)
-    top = float(student.cfg.top_score) if conditioned else float(mc.conditioning.top_score)
+    top = float(mc.conditioning.top_score)
     sw = resolve_switches(tc, conditioned)
     samples = build_samples(pd.read_parquet(inp.bank), tc.method, top, sw.score_condition)
     reader = BankReader(samples, inp.images, inp.results_dir, tc.patch_size)
     crop = crop_side(tc.patch_size, tc.losses.cropped.fraction)
     global_batch = tc.batch_size * world.size
     per_epoch = steps_per_epoch(len(samples), global_batch)
-    total = per_epoch * tc.epochs
     fp = fingerprint(inp, world.size)
-
     opt = _optimizer(student, tc)
     if start_ckpt.kind == "student" and start_ckpt.optimizer_state:
         opt.load_state_dict(start_ckpt.optimizer_state)  # training continues across rounds
     _set_hparams(opt, tc)
+    # W_init of L_reg: the injection weights at the start of the round (the input student's, also on resume)
     init_params = [p.detach().clone() for p in student.injection_parameters()] if conditioned else []
-    ema = EMA(student, tc.ema_decay) if world.is_main else None
-    if ema is not None:
-        ema.module.load_state_dict(_teacher_state(inp.teacher))
-    st = _State(0, int(start_ckpt.extra.get("global_step", 0)) if start_ckpt.kind == "student" else 0, [])
-    resumed = _try_resume(inp, fp)
-    if resumed is not None:
-        student.load_state_dict(resumed.model_state)
-        opt.load_state_dict(resumed.optimizer_state)
-        if ema is not None:
-            ema.load_state_dict(resumed.ema_state)
-        st = _State(resumed.step, int(resumed.extra["global_step"]), list(resumed.extra.get("log", [])))
-        if resumed.rng and world.is_main:
-            restore_rng_state(resumed.rng)
-        _log.info("round %d: resuming at step %d of %d", inp.round, st.step, total)
-    resumed_from = st.step
-
+    ema = _teacher_ema(student, inp.teacher, tc.ema_decay) if world.is_main else None
+    st = _start_state(inp, student, opt, ema, start_ckpt, fp, world)
     passes: nn.Module = StudentPasses(student)
     if world.distributed:
         passes = DistributedDataParallel(passes, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -497,42 +517,67 @@ def run_round(world: ddp.World, inp: RoundInputs, reward: RewardFn | None = None
                       build_perceptual(sw.perceptual, dev), init_params, dev, tc.bf16)
     extra = {"fingerprint": fp, "switches": asdict(sw), "determinism": determinism, "n_samples": len(samples),
              "world": world.size, "global_batch": global_batch}
+    r = _Round(inp, world, mc, student, opt, ema, ctx, len(samples), reader, crop, global_batch, per_epoch,
+               per_epoch * tc.epochs, extra)
+    return r, st, determinism
+
+
+def _teacher_ema(student: nn.Module, teacher: Path, decay: float) -> EMA:
+    """The EMA teacher: the student's architecture with the teacher checkpoint's weights."""
+    ema = EMA(student, decay)
+    try:
+        ema.module.load_state_dict(_teacher_state(teacher))
+    except RuntimeError as exc:
+        raise ValueError(f"teacher {teacher}: its weights do not fit the student's model: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    return ema
+
+
+def _one_step(r: _Round, st: _State, plan: EpochPlan, epoch: int, in_epoch: int) -> None:
+    """Read this rank's batch, train, update the EMA teacher, log the rank-averaged terms."""
+    tc, t = r.inp.cfg.train, time.perf_counter()
+    batch = r.reader.read(plan, rank_slots(in_epoch, r.world.rank, r.world.size, tc.batch_size))
+    out = train_step(r.ctx, batch, st.global_step)
+    if r.ema is not None:
+        r.ema.update(r.student)
+    values = torch.tensor([out.terms[k] for k in _TERMS], dtype=torch.float64, device=r.world.device)
+    values = ddp.all_reduce_mean(values, r.world)
+    st.rows.append({"round": r.inp.round, "epoch": epoch, "step": st.step, "global_step": st.global_step,
+                    **dict(zip(_TERMS, values.tolist(), strict=True)), "lr": r.opt.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - t})
+    st.step += 1
+    st.global_step += 1
+
+
+def run_round(world: ddp.World, inp: RoundInputs, reward: RewardFn | None = None) -> TrainResult:
+    """The body of a round on one rank (see :func:`train_one_round`)."""
+    t0 = time.perf_counter()
+    r, st, determinism = _prepare(world, inp, reward)
+    tc, resumed_from, partial = inp.cfg.train, st.step, partial_path(inp.out_student)
     if world.is_main:
-        _log.info("round %d: %d samples, %d steps, switches %s", inp.round, len(samples), total, asdict(sw))
-    partial = partial_path(inp.out_student)
-    student.train()
+        _log.info("round %d: %d samples, %d steps from step %d, switches %s", inp.round, r.samples_n, r.total,
+                  st.step, r.extra["switches"])
+    r.student.train()
     plan: EpochPlan | None = None
-    stop = total if inp.stop_after is None else min(total, st.step + inp.stop_after)
+    stop = r.total if inp.stop_after is None else min(r.total, st.step + inp.stop_after)
     while st.step < stop:
-        epoch, in_epoch = divmod(st.step, per_epoch)
+        epoch, in_epoch = divmod(st.step, r.per_epoch)
         if plan is None or plan.epoch != epoch:
-            plan = draw_epoch_plan(len(samples), global_batch, reader.image_size, tc.patch_size, crop,
-                                   tc.losses.pref.low_levels, cfg.seed, inp.round, epoch)
-        t = time.perf_counter()
-        batch = reader.read(plan, rank_slots(in_epoch, world.rank, world.size, tc.batch_size))
-        out = train_step(ctx, batch, st.global_step)
-        if ema is not None:
-            ema.update(student)
-        values = torch.tensor([out.terms[k] for k in _TERMS], dtype=torch.float64, device=dev)
-        values = ddp.all_reduce_mean(values, world)
-        st.rows.append({"round": inp.round, "epoch": epoch, "step": st.step, "global_step": st.global_step,
-                        **dict(zip(_TERMS, values.tolist(), strict=True)), "lr": opt.param_groups[0]["lr"],
-                        "seconds": time.perf_counter() - t})
-        st.step += 1
-        st.global_step += 1
-        if world.is_main and st.step < total and st.step % tc.checkpoint_every == 0:
-            _save_partial(partial, mc, student, ema, opt, st, inp, extra)
-    if world.is_main:
-        if st.step == total:
-            _finish(inp, mc, student, ema, opt, st, extra)
-            partial.unlink(missing_ok=True)
-        else:
-            _save_partial(partial, mc, student, ema, opt, st, inp, extra)
+            plan = draw_epoch_plan(r.samples_n, r.global_batch, r.reader.image_size, tc.patch_size, r.crop,
+                                   tc.losses.pref.low_levels, inp.cfg.seed, inp.round, epoch)
+        _one_step(r, st, plan, epoch, in_epoch)
+        if world.is_main and st.step < r.total and st.step % tc.checkpoint_every == 0:
+            _save_partial(partial, r.mc, r.student, r.ema, r.opt, st, inp, r.extra)
+    done = st.step == r.total
+    if world.is_main and done:
+        _finish(inp, r.mc, r.student, r.ema, r.opt, st, r.extra)
+        partial.unlink(missing_ok=True)
+    elif world.is_main:
+        _save_partial(partial, r.mc, r.student, r.ema, r.opt, st, inp, r.extra)
     ddp.barrier(world)
-    done = st.step == total
     return TrainResult(inp.out_student if done else None, inp.out_teacher if done else None,
-                       inp.log if done else None, None if done else partial, st.step, total, st.global_step,
-                       len(samples), resumed_from, sw, determinism, time.perf_counter() - t0)
+                       inp.log if done else None, None if done else partial, st.step, r.total, st.global_step,
+                       r.samples_n, resumed_from, r.ctx.switches, determinism, time.perf_counter() - t0)
 
 
 def _run_rank(world: ddp.World, inp: RoundInputs) -> None:

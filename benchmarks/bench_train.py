@@ -1,0 +1,135 @@
+"""Time per training step: the full QualiTeacher loss vs plain_mt, same model, batch and patch size.
+
+A step is what ``train_one_round`` does per batch: the student passes, eq. (11),
+backward, AdamW and the EMA teacher update (data reading is left out: it is the
+same for both methods). Inputs are natural-image crops from scikit-image; the
+reward is the real differentiable ensemble (``qtlib.iqa.Reward``).
+
+Run (CPU, the issue's measurement):
+    python benchmarks/bench_train.py [--batch 4 --patch 96 --width 16 --depth 3 --steps 10 --ensemble brisque]
+On a GPU, the paper's backbone and patch size, fp32 and bf16:
+    python benchmarks/bench_train.py --device cuda --backbone nafnet --batch 8 --patch 256 --precision both
+Target (issue "Training"): full / plain_mt <= 3x (the authors' code needs about 7 student passes per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from qtlib.config import IQAConfig, Member, ModelConfig, NAFNetConfig, UNetConfig
+from qtlib.config.types import Losses, TrainConfig
+from qtlib.models import EMA, build_model
+from qtlib.train import StepContext, StudentPasses, resolve_switches, train_step
+from qtlib.train.data import Batch
+from qtlib.train.loop import build_reward, crop_side
+from qtlib.train.perceptual import build_perceptual, resolve_perceptual
+from qtlib.train.runtime import set_determinism
+
+ENSEMBLES = {
+    "brisque": IQAConfig(ensemble=(Member("brisque", 1.0),)),
+    "brisque+niqe": IQAConfig(),  # the offline default config; NIQE is left out of the 48 px crop reward
+}
+
+
+def natural_batch(b: int, p: int, seed: int) -> Batch:
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    if p >= 300:
+        raise SystemExit(f"--patch {p}: the smallest sample photo (chelsea) is 300 px high")
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    xs = []
+    for i in range(b):
+        ph = photos[i % len(photos)]
+        y, x = rng.integers(0, ph.shape[0] - p), rng.integers(0, ph.shape[1] - p)
+        xs.append(torch.from_numpy(ph[y:y + p, x:x + p].copy()).permute(2, 0, 1).float() / 255)
+    clean = torch.stack(xs)
+    noisy = (clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))).clamp(0, 1)
+    crop = crop_side(p, 0.5)
+    # every condition below the top level: the worst case, y_h needs its own pass for every sample
+    return Batch(x=noisy, target=clean, weight=torch.ones(b, 1, p, p),
+                 cond=torch.tensor([3.0, 5.0, 6.5, 4.5] * (b // 4 + 1))[:b], s_poor=torch.full((b,), 3.0),
+                 low=torch.tensor([4.0, 5.0, 6.0] * (b // 3 + 1))[:b],
+                 crop_yx=torch.from_numpy(rng.integers(0, p - crop + 1, (b, 2))))
+
+
+def make_step(method: str, iqa: IQAConfig, args: argparse.Namespace, bf16: bool):
+    """A closure running one training step (+ EMA update) of ``method`` on a batch."""
+    torch.manual_seed(0)
+    tc = TrainConfig(method=method, batch_size=args.batch, patch_size=args.patch, losses=Losses())
+    per = resolve_perceptual(tc.losses.per.kind, args.patch)
+    mc = ModelConfig(backbone=args.backbone, unet=UNetConfig(width=args.width, depth=args.depth),
+                     nafnet=NAFNetConfig())  # NAFNet: the paper's width-32 model
+    dev = torch.device(args.device)
+    student = build_model(mc).to(dev)
+    sw = resolve_switches(tc, conditioned=True, perceptual=per)
+    crop = crop_side(args.patch, tc.losses.cropped.fraction)
+    ctx = StepContext(
+        StudentPasses(student), student, torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=tc.betas), sw,
+        tc.losses, 7.0, crop, build_reward(iqa, args.patch, dev) if sw.preference else None,
+        build_reward(iqa, crop, dev) if sw.cropped else None, build_perceptual(per, dev),
+        [p.detach().clone() for p in student.injection_parameters()], dev, bf16,
+    )
+    ema = EMA(student, tc.ema_decay)
+    student.train()
+
+    def step(batch: Batch) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        train_step(ctx, batch, step=10_000)  # past every start step: all terms on
+        ema.update(student)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    return step, sw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--backbone", choices=["unet", "nafnet"], default="unet")
+    parser.add_argument("--width", type=int, default=16, help="U-Net width")
+    parser.add_argument("--depth", type=int, default=3, help="U-Net depth")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--ensemble", choices=list(ENSEMBLES), default="brisque")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32",
+                        help="bf16 = autocast of the student passes (CUDA only)")
+    args = parser.parse_args()
+    set_determinism(True)  # the config default: deterministic algorithms, no cuDNN autotuning
+    model = f"U-Net width {args.width} depth {args.depth}" if args.backbone == "unet" else "NAFNet width 32"
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}; {model}, batch {args.batch}, patch {args.patch}, reward "
+          f"{args.ensemble}; {args.steps} steps each after {args.warmup} warm-up, interleaved")
+    for bf16 in {"fp32": [False], "bf16": [True], "both": [False, True]}[args.precision]:
+        steps = {m: make_step(m, ENSEMBLES[args.ensemble], args, bf16) for m in ("plain_mt", "qualiteacher")}
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for i in range(args.warmup + args.steps):
+            batch = natural_batch(args.batch, args.patch, i)
+            for m, (step, _) in steps.items():  # interleaved, so background load hits both alike
+                t = step(batch)
+                if i >= args.warmup:
+                    times[m].append(t)
+        prec = "bf16" if bf16 else "fp32"
+        print(f"[{prec}] perceptual {steps['plain_mt'][1].perceptual}")
+        for m, ts in times.items():
+            med = statistics.median(ts)
+            print(f"[{prec}] {m:<13} median {med * 1000:8.1f} ms/step ({1 / med:6.2f} steps/s, "
+                  f"{args.batch / med:7.1f} img/s)   min {min(ts) * 1000:8.1f} ms/step")
+        med = statistics.median(times["qualiteacher"]) / statistics.median(times["plain_mt"])
+        low = min(times["qualiteacher"]) / min(times["plain_mt"])
+        print(f"[{prec}] ratio qualiteacher / plain_mt: {med:.2f}x (medians), {low:.2f}x (minima); target <= 3x")
+
+
+if __name__ == "__main__":
+    main()
