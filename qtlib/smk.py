@@ -45,6 +45,7 @@ def job(snakemake: Any, gpus: int = 0) -> Iterator[JobContext]:
                                             list(lease.devices) or "none")
             try:
                 yield JobContext(cfg, device)
+                logging.getLogger("qtlib").info("rule %s: done", snakemake.rule)
             except Exception:
                 logging.getLogger("qtlib").exception("rule %s failed", snakemake.rule)
                 print(f"rule {snakemake.rule} failed, see {log_path}", file=sys.__stderr__)
