@@ -10,9 +10,12 @@ metric objects, in one run, on the same images.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyiqa
@@ -21,7 +24,7 @@ import torch
 from qtlib.config.types import IQAConfig, Member
 from qtlib.imageio import to_tensor
 from qtlib.iqa import Ensemble, normalize
-from qtlib.iqa.ensemble import combine
+from qtlib.iqa.ensemble import combine, split_blocks
 
 
 def photo_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -56,15 +59,45 @@ def blocks_loop(ensemble: Ensemble, images: torch.Tensor, grid: tuple[int, int])
     return out
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> tuple[float, object]:
-    """Median wall time of ``repeats`` calls after a warm-up (``warmup``, default one call of ``fn``)."""
-    result = (warmup or fn)()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Timing:
+    """Wall and CPU seconds of repeated runs of one step."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def run(self, fn: Callable[[], object]) -> object:
+        wall, cpu = time.perf_counter(), cpu_seconds()
         result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        self.wall.append(time.perf_counter() - wall)
+        self.cpu.append(cpu_seconds() - cpu)
+        return result
+
+
+def interleaved(steps: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, Timing], dict[str, object]]:
+    """Run every step once to warm up, then ``repeats`` rounds of all steps in turn.
+
+    Interleaving spreads the interference of other processes on a shared machine
+    over all steps; the minimum over rounds is the least disturbed measurement.
+    """
+    results = {name: fn() for name, fn in steps.items()}
+    timings = {name: Timing() for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            results[name] = timings[name].run(fn)
+    return timings, results
+
+
+def per_block_loop(metric: torch.nn.Module, blocks: torch.Tensor) -> None:
+    with torch.no_grad():
+        for k in range(blocks.shape[0]):
+            metric(blocks[k : k + 1])
 
 
 def main() -> None:
@@ -73,35 +106,47 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     members = tuple(Member(m.strip(), 1.0) for m in args.metrics.split(","))
     grid = (2, 2)
     cfg = IQAConfig(ensemble=members, blocks=grid, batch_size=args.batch)
     ensemble = Ensemble(cfg, args.device)
-    images = photo_crops(args.batch, args.size)
+    images = photo_crops(args.batch, args.size).to(args.device)
+    blocks = split_blocks(images, grid)
     n = images.shape[0]
 
-    t_score, _ = timed(lambda: ensemble.score(images), args.repeats)
-    t_batched, batched = timed(lambda: ensemble.score_blocks(images), args.repeats)
-    # the loop is slow: warm it up on one image and time it once
-    t_loop, looped = timed(lambda: blocks_loop(ensemble, images, grid), 1,
-                           warmup=lambda: blocks_loop(ensemble, images[:1], grid))
+    steps: dict[str, Callable[[], object]] = {
+        "whole images, Ensemble.score": lambda: ensemble.score(images),
+        "2x2 blocks, batched (Ensemble.score_blocks)": lambda: ensemble.score_blocks(images),
+        "2x2 blocks, per-block batch-1 loop": lambda: blocks_loop(ensemble, images, grid),
+    }
+    for m, metric in ensemble.metrics.items():
+        steps[f"  {m}: {blocks.shape[0]} blocks in one call"] = lambda metric=metric: metric(blocks)
+        steps[f"  {m}: {blocks.shape[0]} batch-1 calls"] = lambda metric=metric: per_block_loop(metric, blocks)
+    with torch.no_grad():
+        timings, results = interleaved(steps, args.repeats)
+    batched, looped = results["2x2 blocks, batched (Ensemble.score_blocks)"], results["2x2 blocks, per-block batch-1 loop"]
     diff = (batched.S.cpu() - looped).abs().max().item()  # type: ignore[union-attr]
 
+    load = os.getloadavg()[0]
     print(f"IQA benchmark: pyiqa {pyiqa.__version__}, torch {torch.__version__}, device {args.device}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats} runs after a warm-up (loop: 1 run)")
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load:.1f}")
     print(f"ensemble {' + '.join(f'{w:.2f} {m}' for m, w in zip(ensemble.members, ensemble.weights))}; "
-          f"{n} images {args.size}x{args.size}; {grid[0]}x{grid[1]} blocks of {args.size // grid[0]} px")
-    print(f"{'step':<44} {'seconds':>8} {'images/s':>9} {'metric calls':>13}")
-    calls = len(ensemble.members)
-    print(f"{'whole images, Ensemble.score':<44} {t_score:>8.3f} {n / t_score:>9.1f} {calls:>13}")
-    print(f"{'2x2 blocks, batched (Ensemble.score_blocks)':<44} {t_batched:>8.3f} {n / t_batched:>9.1f} {calls:>13}")
-    loop_calls = calls * n * grid[0] * grid[1]
-    print(f"{'2x2 blocks, per-block batch-1 loop':<44} {t_loop:>8.3f} {n / t_loop:>9.1f} {loop_calls:>13}")
-    print(f"block scoring speed-up, batched / loop: {t_loop / t_batched:.1f}x (target >= 4x); "
-          f"max |S batched - S loop| = {diff:.4f}")
+          f"{n} images {args.size}x{args.size}; {grid[0]}x{grid[1]} blocks of {args.size // grid[0]} px; "
+          f"min / median of {args.repeats} interleaved rounds after a warm-up")
+    print(f"{'step':<46} {'wall min':>9} {'wall med':>9} {'cpu min':>8} {'img/s':>7}")
+    for name, t in timings.items():
+        rate = f"{n / min(t.wall):>7.1f}" if not name.startswith("  ") else ""
+        print(f"{name:<46} {min(t.wall):>9.3f} {statistics.median(t.wall):>9.3f} {min(t.cpu):>8.3f} {rate}")
+    tb, tl = timings["2x2 blocks, batched (Ensemble.score_blocks)"], timings["2x2 blocks, per-block batch-1 loop"]
+    print(f"block scoring speed-up, batched vs loop: {min(tl.wall) / min(tb.wall):.1f}x by min wall, "
+          f"{statistics.median(tl.wall) / statistics.median(tb.wall):.1f}x by median wall, "
+          f"{min(tl.cpu) / min(tb.cpu):.1f}x by CPU time (target >= 4x); max |S batched - S loop| = {diff:.4f}")
 
 
 if __name__ == "__main__":
