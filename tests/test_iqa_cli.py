@@ -10,7 +10,12 @@ from iqa_fixtures import prepared  # noqa: F401  (fixture)
 
 from qtlib.cli import main as qt
 from qtlib.iqa import CATALOG
-from qtlib.iqa.calibration import PUBLISHED, TOLERANCE, calibration_dir, calibration_images
+from qtlib.iqa.calibration import (
+    PUBLISHED,
+    TOLERANCE,
+    calibration_dir,
+    calibration_images,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,7 @@ from iqa_fixtures import natural_images, prepared  # noqa: F401  (fixture)
 from torch import nn
 
 from qtlib.config.types import IQAConfig, Member
-import qtlib.iqa.rewards as rewards
-from qtlib.iqa import Ensemble, NoDifferentiableMemberError, Reward
+from qtlib.iqa import Ensemble, NoDifferentiableMemberError, Reward, rewards
 
 
 def _cfg(*members: tuple[str, float]) -> IQAConfig:

@@ -187,17 +187,21 @@ _P = "qt weights prepare"
 _FACTS: dict[str, _Facts] = {
     "brisque": _Facts(
         weights=(WeightFile("pyiqa", "brisque_svm_weights.pth", _P),),
-        norm_range=(0.0, 100.0, "paper (QualiTeacher sec. 3): 100 - BRISQUE, normalized; "
-                    "pyiqa's open '~0, ~150' would put clean photos near 0.95"),
+        norm_range=(0.0, 100.0, (
+            "paper (QualiTeacher sec. 3): 100 - BRISQUE, normalized; "
+            "pyiqa's open '~0, ~150' would put clean photos near 0.95"
+        )),
         differentiable=True,
         gradient_note="measured: non-zero on every pixel",
         min_size=16,
     ),
     "niqe": _Facts(
         weights=(WeightFile("pyiqa", "niqe_modelparameters.mat", _P),),
-        norm_range=(0.0, 20.0, "qtlib: natural photos score 2-10, heavy distortions up to ~20 "
-                    "(pyiqa ResultsCalibra I03 = 15.65); pyiqa's open '~0, ~100' would squeeze "
-                    "all practical values into [0.8, 1]"),
+        norm_range=(0.0, 20.0, (
+            "qtlib: natural photos score 2-10, heavy distortions up to ~20 "
+            "(pyiqa ResultsCalibra I03 = 15.65); pyiqa's open '~0, ~100' would squeeze "
+            "all practical values into [0.8, 1]"
+        )),
         differentiable=True,
         gradient_note="measured: partial, non-zero only inside the crop to multiples of 96 px",
         min_size=96,

@@ -112,7 +112,7 @@ def ensemble_members(cfg: IQAConfig) -> dict[str, float]:
     return renormalized({m.metric: m.weight for m in cfg.ensemble})
 
 
-def _per_image(out: Tensor, n: int, name: str) -> Tensor:
+def per_image(out: Tensor, n: int, name: str) -> Tensor:
     """A metric's output as one float per image, ``(n,)`` (pyiqa returns ``(n,)``, ``(n, 1)`` or a scalar for n=1)."""
     out = out.reshape(-1).float()
     if out.numel() != n:
@@ -201,7 +201,7 @@ class Ensemble:
     def _raw(self, images: Tensor, chunk: int) -> dict[str, Tensor]:
         raw: dict[str, Tensor] = {}
         for m, metric in self.metrics.items():
-            parts = [_per_image(metric(x.to(self.device)), len(x), m) for x in images.split(chunk)]
+            parts = [per_image(metric(x.to(self.device)), len(x), m) for x in images.split(chunk)]
             raw[m] = torch.cat(parts)
         return raw
 

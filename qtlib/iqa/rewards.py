@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from qtlib.config.types import IQAConfig
 from qtlib.iqa.catalog import CATALOG, get_info, normalize
-from qtlib.iqa.ensemble import EnsembleScores, _per_image, combine, ensemble_members, renormalized
+from qtlib.iqa.ensemble import (
+    EnsembleScores,
+    combine,
+    ensemble_members,
+    per_image,
+    renormalized,
+)
 from qtlib.iqa.factory import create_metric
 
 _log = logging.getLogger(__name__)
@@ -85,7 +91,7 @@ class Reward(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected shape (B, 3, H, W), got {tuple(images.shape)}")
         n = images.shape[0]
-        raw = {m: _per_image(metric(images), n, m) for m, metric in self.metrics.items()}
+        raw = {m: per_image(metric(images), n, m) for m, metric in self.metrics.items()}
         normalized = {m: normalize(m, v) for m, v in raw.items()}
         return EnsembleScores(raw, normalized, combine(normalized, dict(zip(self.members, self.weights))))
 
