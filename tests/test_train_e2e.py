@@ -121,6 +121,7 @@ def test_pretrain_checkpoint_is_complete(world: dict[str, Path]) -> None:
     ckpt = load_checkpoint(world["model"])
     assert ckpt.kind == "pretrain" and ckpt.step == 4 and ckpt.optimizer_state and ckpt.rng
     assert ckpt.extra["perceptual"] == "none" and ckpt.extra["determinism"]["deterministic_algorithms"]
+    assert not torch.are_deterministic_algorithms_enabled()  # the stage put the process back as it found it
     emb = [v for k, v in ckpt.model_state.items() if k.startswith("embedding.heads")]
     assert emb and all(torch.count_nonzero(v) == 0 for v in emb)  # conditioning still exactly zero
     log = pd.read_parquet(world["root"] / "pretrain" / "log.parquet")

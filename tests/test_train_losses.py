@@ -265,3 +265,13 @@ def test_resolve_switches_methods_and_exceptions() -> None:
     with pytest.raises(ValueError, match="no score conditioning"):
         resolve_switches(tc, conditioned=False)
     assert not resolve_switches(replace(tc, losses=replace(tc.losses, pref=PrefLoss(weight=0))), True).preference
+
+
+def test_determinism_switch_is_scoped() -> None:
+    from qtlib.train.runtime import determinism
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with determinism(not before) as state:
+        assert state["deterministic_algorithms"] is (not before)
+        assert torch.are_deterministic_algorithms_enabled() is (not before)
+    assert torch.are_deterministic_algorithms_enabled() is before

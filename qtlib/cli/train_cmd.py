@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pre.set_defaults(func=run_pretrain)
 
     tr = sub.add_parser("train", help="one QualiTeacher round: a student epoch over the bank, EMA teacher")
-    tr.add_argument("--round", dest="round_", type=int, required=True, help="round number r")
+    tr.add_argument("--round", dest="round_", type=int, required=True, metavar="R", help="round number r")
     tr.add_argument("--teacher", required=True, type=Path, help="teacher of round r-1 (or the pretrained model)")
     tr.add_argument("--student", required=True, type=Path, help="student of round r-1 (or the pretrained model)")
     tr.add_argument("--bank", required=True, type=Path, help="bank.parquet of round r")

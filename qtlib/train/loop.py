@@ -46,7 +46,8 @@ from qtlib.train.data import BankReader, Batch, EpochPlan, build_samples, draw_e
 from qtlib.train.data import steps_per_epoch
 from qtlib.train.losses import cropped_consistency, crop_batch, injection_reg, preference_terms, weighted_l1
 from qtlib.train.perceptual import build_perceptual, resolve_perceptual
-from qtlib.train.runtime import autocast, process_seed, seed_everything, set_determinism
+from qtlib.train.runtime import autocast, process_seed, resolve_device, seed_everything
+from qtlib.train.runtime import determinism as determinism_switch
 
 _log = logging.getLogger(__name__)
 
@@ -484,9 +485,8 @@ def _start_state(inp: RoundInputs, r_student: nn.Module, opt: torch.optim.Optimi
     return _State(resumed.step, int(resumed.extra["global_step"]), list(resumed.extra.get("log", [])))
 
 
-def _prepare(world: ddp.World, inp: RoundInputs, reward: RewardFn | None) -> tuple[_Round, _State, dict]:
+def _prepare(world: ddp.World, inp: RoundInputs, reward: RewardFn | None, determinism: dict) -> tuple[_Round, _State]:
     cfg, tc, dev = inp.cfg, inp.cfg.train, world.device
-    determinism = set_determinism(tc.deterministic)
     seed_everything(process_seed(cfg.seed, inp.round, world.rank))
     student, start_ckpt = _load_student(inp.student, dev)
     mc = start_ckpt.model_config
@@ -519,7 +519,7 @@ def _prepare(world: ddp.World, inp: RoundInputs, reward: RewardFn | None) -> tup
              "world": world.size, "global_batch": global_batch}
     r = _Round(inp, world, mc, student, opt, ema, ctx, len(samples), reader, crop, global_batch, per_epoch,
                per_epoch * tc.epochs, extra)
-    return r, st, determinism
+    return r, st
 
 
 def _teacher_ema(student: nn.Module, teacher: Path, decay: float) -> EMA:
@@ -550,9 +550,14 @@ def _one_step(r: _Round, st: _State, plan: EpochPlan, epoch: int, in_epoch: int)
 
 
 def run_round(world: ddp.World, inp: RoundInputs, reward: RewardFn | None = None) -> TrainResult:
-    """The body of a round on one rank (see :func:`train_one_round`)."""
+    """The body of a round on one rank (see :func:`train_one_round`), under the determinism switch."""
+    with determinism_switch(inp.cfg.train.deterministic) as state:
+        return _run_round(world, inp, reward, state)
+
+
+def _run_round(world: ddp.World, inp: RoundInputs, reward: RewardFn | None, determinism: dict) -> TrainResult:
     t0 = time.perf_counter()
-    r, st, determinism = _prepare(world, inp, reward)
+    r, st = _prepare(world, inp, reward, determinism)
     tc, resumed_from, partial = inp.cfg.train, st.step, partial_path(inp.out_student)
     if world.is_main:
         _log.info("round %d: %d samples, %d steps from step %d, switches %s", inp.round, r.samples_n, r.total,
@@ -628,10 +633,12 @@ def train_one_round(
     for name in ("teacher", "student", "bank"):
         if not getattr(inp, name).is_file():
             raise FileNotFoundError(f"{name}: {getattr(inp, name)}: no such file")
+    device = resolve_device(inp.device)
     if cfg.train.gpus <= 1:
-        from qtlib.train.runtime import resolve_device
-
-        return run_round(ddp.World(0, 1, resolve_device(inp.device)), inp, reward)
+        return run_round(ddp.World(0, 1, device), inp, reward)
+    if device.type == "cuda" and torch.cuda.device_count() < cfg.train.gpus:
+        raise ValueError(f"train.gpus: {cfg.train.gpus} processes need as many visible GPUs, "
+                         f"{torch.cuda.device_count()} are visible")
     if reward is not None:
         ddp.launch(_run_rank_with_reward, cfg.train.gpus, inp.device, inp, reward)
     else:

@@ -35,7 +35,8 @@ from qtlib.models import restore_rng_state, save_checkpoint
 from qtlib.train.data import PairedReader
 from qtlib.train.losses import weighted_l1
 from qtlib.train.perceptual import build_perceptual, resolve_perceptual
-from qtlib.train.runtime import autocast, resolve_device, seed_everything, set_determinism
+from qtlib.train.runtime import autocast, resolve_device, seed_everything
+from qtlib.train.runtime import determinism as determinism_switch
 
 _log = logging.getLogger(__name__)
 
@@ -120,10 +121,15 @@ def pretrain(
     Returns:
         :class:`PretrainResult`.
     """
+    with determinism_switch(cfg.train.deterministic) as state:
+        return _pretrain(Path(paired_dir), Path(out), cfg, log, resume, device, stop_after, state)
+
+
+def _pretrain(paired_dir: Path, out: Path, cfg: Config, log: str | Path | None, resume: bool | str | Path,
+              device: str | None, stop_after: int | None, determinism: dict) -> PretrainResult:
     t0 = time.perf_counter()
-    pc, paired_dir, out = cfg.pretrain, Path(paired_dir), Path(out)
+    pc = cfg.pretrain
     dev = resolve_device(device or cfg.device)
-    determinism = set_determinism(cfg.train.deterministic)
     seed_everything(cfg.seed)
     reader = PairedReader(paired_dir, pc.patch_size)
     per_kind = resolve_perceptual(pc.perceptual, pc.patch_size) if pc.perceptual_weight > 0 else "none"

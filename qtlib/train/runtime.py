@@ -49,6 +49,22 @@ def set_determinism(enabled: bool) -> dict[str, bool]:
     return state
 
 
+@contextlib.contextmanager
+def determinism(enabled: bool) -> Iterator[dict[str, bool]]:
+    """:func:`set_determinism` for the duration of a stage; the previous settings come back afterwards.
+
+    A stage called from a notebook or a test must not leave the process in
+    another mode than it found it.
+    """
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        yield set_determinism(enabled)
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[2], prev[3]
+
+
 def resolve_device(device: str, rank: int = 0) -> torch.device:
     """``auto`` = CUDA when available, else CPU; on CUDA each rank gets ``cuda:rank``."""
     if device == "auto":
