@@ -71,3 +71,20 @@ def test_exception_score_errors_are_one_line(argv: list[str], message: str, prep
     assert qt(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("qt score: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_score_folder_of_mixed_sizes(prepared, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    from iqa_fixtures import natural_images
+
+    from qtlib.imageio import write_image
+
+    images = natural_images(3, 96)
+    write_image(tmp_path / "a.png", images[0])
+    write_image(tmp_path / "sub" / "b.png", images[1][:, :80, :72])
+    write_image(tmp_path / "c.png", images[2])
+    out = tmp_path / "s.parquet"
+    assert qt(["score", "--metrics", "brisque,piqe", str(tmp_path), "--batch-size", "2", "--out", str(out)]) == 0
+    frame = pd.read_parquet(out)
+    assert [Path(p).name for p in frame["path"]] == ["a.png", "c.png", "b.png"]  # sorted by relative path
+    assert list(frame.columns[:3]) == ["path", "brisque", "piqe"] and frame["S"].notna().all()
+    assert "sub/b.png" in capsys.readouterr().out

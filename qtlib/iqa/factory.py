@@ -29,7 +29,7 @@ _log = logging.getLogger(__name__)
 
 
 class MissingWeightsError(RuntimeError):
-    """A metric's weight file is not in its cache and downloading is off."""
+    """A metric's weight file is not in its cache (and downloading is off or failed)."""
 
     def __init__(self, metric: str, file: str | None, folder: str, hint: str, detail: str = "") -> None:
         self.metric = metric
