@@ -3,6 +3,7 @@
 Public API::
 
     pretrain(paired_dir, out, cfg, *, log, resume, device, stop_after) -> PretrainResult
+    pretrain_step(net, opt, x, y, perceptual, perceptual_weight, bf16) -> dict of terms
     train_one_round(cfg, round_, teacher, student, bank, images, results_dir,
                     out_student, out_teacher, log, *, resume, device, reward, stop_after) -> TrainResult
     train_step(ctx, batch, step) -> StepOutput          # one step of eq. (11)
@@ -26,7 +27,7 @@ from qtlib.train.loop import (
     train_one_round,
     train_step,
 )
-from qtlib.train.pretrain import PretrainResult, pretrain
+from qtlib.train.pretrain import PretrainResult, pretrain, pretrain_step
 
 __all__ = [
     "LOG_SCHEMA",
@@ -40,6 +41,7 @@ __all__ = [
     "active_terms",
     "partial_path",
     "pretrain",
+    "pretrain_step",
     "resolve_switches",
     "train_one_round",
     "train_step",

@@ -125,6 +125,23 @@ def pretrain(
         return _pretrain(Path(paired_dir), Path(out), cfg, log, resume, device, stop_after, state)
 
 
+def pretrain_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  perceptual: nn.Module | None, perceptual_weight: float, bf16: bool = False) -> dict[str, float]:
+    """One supervised step: ``L1(net(x), y) + w * L_per``, backward, optimizer step; returns the terms."""
+    with autocast(x.device, bf16):
+        pred = net(x)
+    pred = pred.float()
+    l1 = weighted_l1(pred, y)
+    loss, per = l1, math.nan
+    if perceptual is not None:
+        p = perceptual(pred.clamp(0, 1), y).mean()
+        loss, per = loss + perceptual_weight * p, p.item()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": loss.item(), "l1": l1.item(), "per": per}
+
+
 def _pretrain(paired_dir: Path, out: Path, cfg: Config, log: str | Path | None, resume: bool | str | Path,
               device: str | None, stop_after: int | None, determinism: dict) -> PretrainResult:
     t0 = time.perf_counter()
@@ -156,21 +173,8 @@ def _pretrain(paired_dir: Path, out: Path, cfg: Config, log: str | Path | None, 
     while step < stop:
         t = time.perf_counter()
         x, y = (v.to(dev) for v in reader.read(cfg.seed, step, pc.batch_size))
-        with autocast(dev, cfg.train.bf16):
-            pred = net(x)
-        pred = pred.float()
-        l1 = weighted_l1(pred, y)
-        loss = l1
-        per = math.nan
-        if perceptual is not None:
-            p = perceptual(pred.clamp(0, 1), y).mean()
-            loss = loss + pc.perceptual_weight * p
-            per = p.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        rows.append({"step": step, "loss": loss.item(), "l1": l1.item(), "per": per,
-                     "seconds": time.perf_counter() - t})
+        terms = pretrain_step(net, opt, x, y, perceptual, pc.perceptual_weight, cfg.train.bf16)
+        rows.append({"step": step, **terms, "seconds": time.perf_counter() - t})
         step += 1
         if step < pc.steps and step % pc.checkpoint_every == 0:
             _save(partial, "train-state", cfg, model, opt, step, {**extra, "log": rows})
