@@ -149,11 +149,15 @@ def verify(metric: str, path: str | Path, device: str = "cpu") -> Verification:
 
     Results are remembered per process for an unchanged file (path, size, mtime).
     """
-    stat = Path(path).stat()
-    key = (metric, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, device)
+    key = _verify_key(metric, path, device)
     if key not in _verified:
         _verified[key] = _score_calibration(metric, path, device)
     return _verified[key]
+
+
+def _verify_key(metric: str, path: str | Path, device: str = "cpu") -> tuple:
+    stat = Path(path).stat()
+    return (metric, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, device)
 
 
 def _score_calibration(metric: str, path: str | Path, device: str) -> Verification:
@@ -291,6 +295,7 @@ def _prepare_one(builder: Builder, cache: Path, tmp: Path, sdist_dir: str | Path
             f"pyiqa's published scores; nothing installed in {cache}. {new.describe()}"
         )
     _install(built, target)
+    _verified[_verify_key(builder.metric, target)] = new  # the same bytes: no need to score them again
     action = f"replaced ({problem})" if problem else "built"
     return PreparedFile(builder.metric, target, action, new)
 
