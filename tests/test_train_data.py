@@ -55,8 +55,8 @@ def test_samples_unconditioned_and_filter_mt() -> None:
 
 
 def test_plan_is_deterministic_and_ranks_do_not_overlap() -> None:
-    args = dict(n_samples=5, global_batch=4, image_size=(64, 64), patch=32, crop=16, low_levels=(4.0, 5.0, 6.0),
-                seed=0, round_=1, epoch=0)
+    args = {"n_samples": 5, "global_batch": 4, "image_size": (64, 64), "patch": 32, "crop": 16,
+            "low_levels": (4.0, 5.0, 6.0), "seed": 0, "round_": 1, "epoch": 0}
     a, b = draw_epoch_plan(**args), draw_epoch_plan(**args)
     assert a.steps == 2 == steps_per_epoch(5, 4)
     for f in ("sample", "patch_yx", "low_level", "crop_yx"):

@@ -12,7 +12,14 @@ from torch import nn
 from qtlib.config import ModelConfig, UNetConfig
 from qtlib.config.types import Losses, PerLoss, PrefLoss, TrainConfig
 from qtlib.models import build_model
-from qtlib.train import StepContext, StudentPasses, Switches, active_terms, resolve_switches, train_step
+from qtlib.train import (
+    StepContext,
+    StudentPasses,
+    Switches,
+    active_terms,
+    resolve_switches,
+    train_step,
+)
 from qtlib.train.data import Batch
 from qtlib.train.losses import (
     block_weight_map,
@@ -162,7 +169,8 @@ class _Recorder:
         self.calls.append((args[0].shape[0], None if crops is None else crops.shape[0]))
 
 
-def _ctx(sw: Switches, losses: Losses = Losses(), top: float = 7.0) -> tuple[StepContext, _Recorder]:
+def _ctx(sw: Switches, losses: Losses | None = None, top: float = 7.0) -> tuple[StepContext, _Recorder]:
+    losses = losses or Losses()
     torch.manual_seed(0)
     student = build_model(TINY)
     passes = StudentPasses(student)
@@ -233,7 +241,7 @@ def test_start_steps_and_zero_weights() -> None:
     sw = replace(FULL, perceptual="nlpd")
     assert active_terms(sw, losses, 4) == {"rec": True, "per": False, "pref": False, "cropped": True}
     assert active_terms(sw, losses, 5)["pref"]
-    ctx, rec = _ctx(FULL, losses)
+    ctx, _ = _ctx(FULL, losses)
     assert math.isnan(train_step(ctx, _batch(), step=4).terms["pref_first"])
     assert math.isfinite(train_step(ctx, _batch(), step=5).terms["pref_first"])
 

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,12 +39,33 @@ from torch.nn.parallel import DistributedDataParallel
 
 from qtlib.config.loader import to_dict
 from qtlib.config.types import Config, IQAConfig, Losses, ModelConfig, TrainConfig
-from qtlib.models import EMA, Checkpoint, ScoreConditioned, build_model, capture_rng_state, load_checkpoint
-from qtlib.models import restore_rng_state, save_checkpoint
+from qtlib.models import (
+    EMA,
+    Checkpoint,
+    ScoreConditioned,
+    build_model,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from qtlib.train import ddp
-from qtlib.train.data import BankReader, Batch, EpochPlan, build_samples, draw_epoch_plan, rank_slots
-from qtlib.train.data import steps_per_epoch
-from qtlib.train.losses import cropped_consistency, crop_batch, injection_reg, preference_terms, weighted_l1
+from qtlib.train.data import (
+    BankReader,
+    Batch,
+    EpochPlan,
+    build_samples,
+    draw_epoch_plan,
+    rank_slots,
+    steps_per_epoch,
+)
+from qtlib.train.losses import (
+    crop_batch,
+    cropped_consistency,
+    injection_reg,
+    preference_terms,
+    weighted_l1,
+)
 from qtlib.train.perceptual import build_perceptual, resolve_perceptual
 from qtlib.train.runtime import autocast, process_seed, resolve_device, seed_everything
 from qtlib.train.runtime import determinism as determinism_switch

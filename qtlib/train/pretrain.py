@@ -30,8 +30,15 @@ from torch import nn
 
 from qtlib.config.loader import to_dict
 from qtlib.config.types import Config
-from qtlib.models import Checkpoint, ScoreConditioned, build_model, capture_rng_state, load_checkpoint
-from qtlib.models import restore_rng_state, save_checkpoint
+from qtlib.models import (
+    Checkpoint,
+    ScoreConditioned,
+    build_model,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from qtlib.train.data import PairedReader
 from qtlib.train.losses import weighted_l1
 from qtlib.train.perceptual import build_perceptual, resolve_perceptual
