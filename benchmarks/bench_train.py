@@ -32,9 +32,9 @@ from qtlib.config.types import Losses, TrainConfig
 from qtlib.models import EMA, build_model
 from qtlib.train import StepContext, StudentPasses, resolve_switches, train_step
 from qtlib.train.data import Batch
-from qtlib.train.loop import build_reward, crop_side
 from qtlib.train.perceptual import build_perceptual, resolve_perceptual
 from qtlib.train.runtime import set_determinism
+from qtlib.train.step import build_reward, crop_side
 
 ENSEMBLES = {
     "brisque": IQAConfig(ensemble=(Member("brisque", 1.0),)),

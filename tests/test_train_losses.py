@@ -253,7 +253,7 @@ def test_perceptual_term_runs_with_nlpd() -> None:
 
 def test_reward_config_keeps_members_that_score_the_size() -> None:
     from qtlib.config import IQAConfig, Member
-    from qtlib.train.loop import reward_config
+    from qtlib.train.step import reward_config
 
     iqa = IQAConfig(ensemble=(Member("brisque", 0.5), Member("niqe", 0.5)))
     assert reward_config(iqa, 96) == iqa

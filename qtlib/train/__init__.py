@@ -9,25 +9,25 @@ Public API::
     train_step(ctx, batch, step) -> StepOutput          # one step of eq. (11)
     resolve_switches(train_cfg, conditioned) -> Switches # method + Table 2 switches
 
-Loss terms are pure functions in :mod:`qtlib.train.losses`; data sampling and
-epoch plans in :mod:`qtlib.train.data`; DDP in :mod:`qtlib.train.ddp`.
+Loss terms are pure functions in :mod:`qtlib.train.losses`; one step of eq. (11)
+in :mod:`qtlib.train.step`; the round (EMA, step checkpoints, resume, DDP ranks)
+in :mod:`qtlib.train.loop`; data sampling and epoch plans in :mod:`qtlib.train.data`;
+process groups in :mod:`qtlib.train.ddp`; the perceptual loss in
+:mod:`qtlib.train.perceptual`.
 """
 
-from qtlib.train.loop import (
-    LOG_SCHEMA,
+from qtlib.train.loop import LOG_SCHEMA, TrainResult, partial_path, train_one_round
+from qtlib.train.pretrain import PretrainResult, pretrain, pretrain_step
+from qtlib.train.step import (
     RewardFn,
     StepContext,
     StepOutput,
     StudentPasses,
     Switches,
-    TrainResult,
     active_terms,
-    partial_path,
     resolve_switches,
-    train_one_round,
     train_step,
 )
-from qtlib.train.pretrain import PretrainResult, pretrain, pretrain_step
 
 __all__ = [
     "LOG_SCHEMA",

@@ -1,0 +1,279 @@
+"""One training step of the QualiTeacher student, eq. (11): :func:`train_step`.
+
+1. all student passes in ONE forward: the batch at its conditions (for L_rec
+   and L_per), the inputs whose condition is below the top level again at the
+   top level (y_h; samples already at the top reuse their first output), the
+   batch at the drawn low levels (y_l), and the cropped inputs at the top
+   level (for L_cropped) -- the first three stacked along the batch, the crops
+   (a smaller size) as a second tensor of the same call;
+2. rewards (the frozen, differentiable IQA ensemble, 0..10 scale) of y_h and
+   y_l in one call, and of crop(y_h) and f(crop(x)) in another;
+3. ``w_rec L_rec + w_per L_per + w_pref (L1 + a L2 + b L_reg) + w_crop L_cropped``,
+   each term on only from its ``start`` step (counted over all rounds);
+4. backward and the AdamW step (the EMA update is the round's).
+
+Table 2's switches (``train.score_condition``, ``preference``, ``cropped``;
+``gate.enabled`` is the drop strategy and acts in the gate) and the baselines
+``plain_mt`` / ``filter_mt`` are resolved into :class:`Switches` once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from qtlib.config.types import IQAConfig, Losses, TrainConfig
+from qtlib.models import ScoreConditioned
+from qtlib.train.data import Batch
+from qtlib.train.losses import (
+    crop_batch,
+    cropped_consistency,
+    injection_reg,
+    preference_terms,
+    weighted_l1,
+)
+from qtlib.train.perceptual import resolve_perceptual
+from qtlib.train.runtime import autocast
+
+_log = logging.getLogger(__name__)
+
+RewardFn = Callable[[torch.Tensor], torch.Tensor]
+"""(B, 3, H, W) images in [0, 1] -> (B,) differentiable quality on the 0..10 scale."""
+
+TERMS = ("loss", "rec", "per", "pref_first", "pref_second", "pref_reg", "cropped", "reward_high", "reward_low")
+"""Names of the logged terms of a step (unweighted batch means; NaN when off)."""
+
+
+@dataclass(frozen=True)
+class Switches:
+    """The effective method after resolving ``train.method`` and Table 2's switches.
+
+    Attributes:
+        method: qualiteacher, plain_mt or filter_mt.
+        score_condition: condition the student on each PL's score (else a fixed top-level condition).
+        block_weighting: weight L_rec by the PL's block-score map.
+        perceptual: the resolved perceptual loss (``vgg``, ``nlpd``, ``ms_ssim``) or ``none``.
+        preference: L_pref (eq. 8) on; cropped: L_cropped (eq. 9) on.
+    """
+
+    method: str
+    score_condition: bool
+    block_weighting: bool
+    perceptual: str
+    preference: bool
+    cropped: bool
+
+    @property
+    def needs_reward(self) -> bool:
+        return self.preference or self.cropped
+
+
+def resolve_switches(cfg: TrainConfig, conditioned: bool, perceptual: str | None = None) -> Switches:
+    """Resolve ``cfg`` into :class:`Switches`.
+
+    ``plain_mt`` and ``filter_mt`` turn off the score condition, block weighting,
+    preference and cropped consistency (plain L1 on the PL, plus L_per as
+    configured so that the comparison isolates the method). For ``qualiteacher``
+    the switches are taken as configured; a term with weight 0 is off.
+
+    Args:
+        cfg: the train section.
+        conditioned: the student is a :class:`~qtlib.models.ScoreConditioned` model.
+        perceptual: the resolved perceptual kind (default: resolve ``cfg.losses.per.kind`` now).
+
+    Raises:
+        ValueError: a combination that cannot run (preference without a score condition, or a
+            score condition on an unconditioned model).
+    """
+    losses = cfg.losses
+    per = perceptual if perceptual is not None else resolve_perceptual(losses.per.kind, cfg.patch_size)
+    per = per if losses.per.weight > 0 else "none"
+    if cfg.method != "qualiteacher":
+        return Switches(cfg.method, False, False, per, False, False)
+    pref = cfg.preference and losses.pref.weight > 0
+    if cfg.score_condition and not conditioned:
+        raise ValueError("train.score_condition: the student has no score conditioning "
+                         "(model.conditioning.enabled was false when it was built); set score_condition: false")
+    if pref and not cfg.score_condition:
+        raise ValueError("train.preference needs train.score_condition: y_h and y_l are the student at two "
+                         "score conditions")
+    return Switches("qualiteacher", cfg.score_condition, losses.rec.block_weighting, per, pref,
+                    cfg.cropped and losses.cropped.weight > 0)
+
+
+def crop_side(patch: int, fraction: float) -> int:
+    """Side of the cropped-consistency window: ``round(fraction * patch)``, at least 1."""
+    return max(1, round(fraction * patch))
+
+
+class StudentPasses(nn.Module):
+    """Every student forward of a step in one call, so DDP sees one forward per backward.
+
+    Args:
+        student: the student (a :class:`~qtlib.models.ScoreConditioned` model or a bare backbone).
+
+    Shape:
+        - x: (N, 3, P, P), score: (N,) or None; crops: (B, 3, c, c), crop_score: (B,) or None.
+        - Output: (student(x, score), student(crops, crop_score) or None).
+    """
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def run(self, x: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.student, ScoreConditioned):
+            return self.student(x, score)
+        return self.student(x)
+
+    def forward(
+        self, x: torch.Tensor, score: torch.Tensor | None, crops: torch.Tensor | None = None,
+        crop_score: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.run(x, score), (self.run(crops, crop_score) if crops is not None else None)
+
+
+@dataclass
+class StepContext:
+    """What a training step needs besides the batch (built once per round)."""
+
+    passes: nn.Module
+    """:class:`StudentPasses`, possibly wrapped in DDP."""
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    switches: Switches
+    losses: Losses
+    top_score: float
+    crop: int
+    reward: RewardFn | None
+    """Reward of y_h and y_l (patch-sized images)."""
+    crop_reward: RewardFn | None
+    """Reward of the cropped-consistency pair (crop-sized images)."""
+    perceptual: nn.Module | None
+    init_params: list[torch.Tensor]
+    device: torch.device
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """The loss of one step and its unweighted terms (floats, NaN = off)."""
+
+    loss: torch.Tensor
+    terms: dict[str, float]
+
+
+def _on(switch: bool, weight: float, start: int, step: int) -> bool:
+    return switch and weight > 0 and step >= start
+
+
+def active_terms(sw: Switches, losses: Losses, step: int) -> dict[str, bool]:
+    """Which terms of eq. (11) contribute at global step ``step``."""
+    return {
+        "rec": _on(True, losses.rec.weight, losses.rec.start, step),
+        "per": _on(sw.perceptual != "none", losses.per.weight, losses.per.start, step),
+        "pref": _on(sw.preference, losses.pref.weight, losses.pref.start, step),
+        "cropped": _on(sw.cropped, losses.cropped.weight, losses.cropped.start, step),
+    }
+
+
+def _student_outputs(ctx: StepContext, batch: Batch, on: dict[str, bool]):
+    """Run the stacked passes; return y, y_h, y_l, f(crop(x)) (None where not needed)."""
+    x, b = batch.x, batch.x.shape[0]
+    conditioned = isinstance(ctx.student, ScoreConditioned)
+    top = torch.full((b,), ctx.top_score, device=ctx.device)
+    cond = batch.cond if ctx.switches.score_condition else top
+    need_top = on["pref"] or on["cropped"]
+    redo = torch.nonzero(cond < ctx.top_score).flatten() if need_top else cond.new_zeros(0, dtype=torch.long)
+    xs, scores = [x, x[redo]], [cond, top[redo]]
+    if on["pref"]:
+        xs.append(x)
+        scores.append(batch.low)
+    crops = crop_batch(x, batch.crop_yx, ctx.crop) if on["cropped"] else None
+    with autocast(ctx.device, ctx.bf16):
+        out, out_crop = ctx.passes(torch.cat(xs), torch.cat(scores) if conditioned else None, crops,
+                                   top if conditioned and crops is not None else None)
+    out = out.float()
+    y = out[:b]
+    y_h = y.index_copy(0, redo, out[b:b + len(redo)]) if need_top else None
+    y_l = out[b + len(redo):] if on["pref"] else None
+    return y, y_h, y_l, (out_crop.float() if out_crop is not None else None)
+
+
+def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
+    """Forward, eq. (11), backward and optimizer step for one batch (the EMA update is the caller's).
+
+    Args:
+        ctx: the round's context.
+        batch: this rank's batch (moved to ``ctx.device`` here).
+        step: the global step (over all rounds), which decides the terms that are on.
+    """
+    batch = Batch(**{k: v.to(ctx.device) for k, v in vars(batch).items()})
+    on = active_terms(ctx.switches, ctx.losses, step)
+    lc = ctx.losses
+    y, y_h, y_l, y_crop = _student_outputs(ctx, batch, on)
+    terms = dict.fromkeys(TERMS, math.nan)
+    total = y.sum() * 0.0  # keeps the graph (and DDP's hooks) when no term is on yet
+    if on["rec"]:
+        rec = weighted_l1(y, batch.target, batch.weight if ctx.switches.block_weighting else None)
+        total = total + lc.rec.weight * rec
+        terms["rec"] = rec.item()
+    if on["per"]:
+        per = ctx.perceptual(y.clamp(0, 1), batch.target).mean()
+        total = total + lc.per.weight * per
+        terms["per"] = per.item()
+    if on["pref"]:
+        r = ctx.reward(torch.cat([y_h, y_l]).clamp(0, 1)).float()
+        r_h, r_l = r.chunk(2)
+        pt = preference_terms(r_h, r_l, batch.s_poor, lc.pref.beta, lc.pref.delta)
+        reg = injection_reg(ctx.student.injection_parameters(), ctx.init_params)
+        total = total + lc.pref.weight * (pt.first + lc.pref.second_weight * pt.second + lc.pref.reg_weight * reg)
+        terms.update(pref_first=pt.first.item(), pref_second=pt.second.item(), pref_reg=reg.item(),
+                     reward_high=r_h.mean().item(), reward_low=r_l.mean().item())
+    if on["cropped"]:
+        r = ctx.crop_reward(torch.cat([crop_batch(y_h, batch.crop_yx, ctx.crop), y_crop]).clamp(0, 1)).float()
+        cc = cropped_consistency(*r.chunk(2))
+        total = total + lc.cropped.weight * cc
+        terms["cropped"] = cc.item()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    ctx.optimizer.step()
+    terms["loss"] = total.item()
+    return StepOutput(total.detach(), terms)
+
+
+def reward_config(iqa: IQAConfig, side: int) -> IQAConfig:
+    """The ensemble restricted to the members that accept ``side`` px images (catalog ``min_size``).
+
+    The cropped-consistency term scores crops (``fraction * patch_size``), which
+    may be below what a member accepts (NIQE needs 96 px). Both of its scores
+    are of crops of the same size, so the term compares them with the members
+    that can score that size; the weights are renormalized by the Reward.
+
+    Raises:
+        ValueError: no member accepts ``side`` px.
+    """
+    from qtlib.iqa import get_info
+
+    kept = tuple(m for m in iqa.ensemble if get_info(m.metric).min_size <= side)
+    if not kept:
+        need = min(get_info(m.metric).min_size for m in iqa.ensemble)
+        raise ValueError(f"reward: no member of iqa.ensemble scores {side} px images (the smallest needs {need} "
+                         "px); raise train.patch_size or train.losses.cropped.fraction")
+    if len(kept) < len(iqa.ensemble):
+        left = [m.metric for m in iqa.ensemble if m not in kept]
+        _log.warning("reward on %d px images: leaving out %s (minimum size); using %s", side, ", ".join(left),
+                     ", ".join(m.metric for m in kept))
+    return replace(iqa, ensemble=kept)
+
+
+def build_reward(iqa: IQAConfig, side: int, device: torch.device) -> RewardFn:
+    """The differentiable IQA ensemble (frozen, eval) for ``side`` px images, on the 0..10 scale."""
+    from qtlib.iqa import Reward  # the stage needs it only when a reward term is on
+
+    return Reward(reward_config(iqa, side), device=device)
