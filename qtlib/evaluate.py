@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from qtlib.config import EvaluateConfig, IQAConfig, Member  # noqa: E402
 from qtlib.data import ImageStore  # noqa: E402
-from qtlib.iqa import Ensemble, create_metric  # noqa: E402
+from qtlib.iqa import CATALOG, Ensemble, create_metric  # noqa: E402
 from qtlib.ledger import read_ledger, write_table  # noqa: E402
 from qtlib.models import ScoreConditioned, load_model  # noqa: E402
 
@@ -121,7 +121,8 @@ def plot_controllability(summary: pd.DataFrame, panel: tuple[str, ...], path: Pa
                 ax.axhline(float(val.iloc[0]), linestyle=style, color="gray" if method == "degraded" else "C1",
                            label=method)
         ax.set_xlabel("condition level")
-        ax.set_title(col)
+        better = "lower" if col in CATALOG and CATALOG[col].lower_better else "higher"
+        ax.set_title(f"{col} ({better} is better)", fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Controllability: panel score vs condition level")
     return _save(fig, path)

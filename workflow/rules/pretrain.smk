@@ -9,6 +9,8 @@ rule pretrain:
         log_table=f"{RES}/pretrain/losses.parquet",
     params:
         cfg=slice_json("model", "pretrain", "seed"),
+        # pretraining also honours the determinism and bf16 switches of `train`
+        runtime=canonical_json({"deterministic": CFG.train.deterministic, "bf16": CFG.train.bf16}),
     log:
         f"{RES}/logs/pretrain.log",
     threads: workflow.cores
