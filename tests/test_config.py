@@ -112,7 +112,7 @@ def test_snakemake_validates_with_the_same_schema() -> None:
     schema = ROOT / "workflow" / "schemas" / "config.schema.yaml"
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     validate(config, str(schema))
-    assert config["train"]["lr"] == Config().train.lr  # defaults filled by Snakemake too
+    assert config["train"]["gpus"] == Config().train.gpus  # defaults filled by Snakemake too
     with pytest.raises(WorkflowError):
         validate({"trian": {}}, str(schema))
 
