@@ -48,7 +48,8 @@ def read_image(path: str | Path) -> torch.Tensor:
     """Read an image file as a ``(3, H, W)`` float tensor in [0, 1] (RGB, EXIF-oriented)."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        return to_tensor(np.asarray(img.convert("RGB")))
+        rgb, _ = to_rgb_image(img)  # 16-bit keeps its range, transparency goes on white
+        return to_tensor(np.asarray(rgb))
 
 
 def write_image(path: str | Path, image: torch.Tensor) -> None:

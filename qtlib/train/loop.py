@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 import pyarrow as pa
 import torch
 from torch import nn
@@ -344,7 +345,10 @@ def _run_round(world: ddp.World, inp: RoundInputs, reward: RewardFn | None, dete
     r.student.train()
     plan: EpochPlan | None = None
     stop = r.total if inp.stop_after is None else min(r.total, st.step + inp.stop_after)
+    bar = tqdm(total=stop, initial=st.step, desc=f"train round {inp.round}", unit="step", mininterval=2.0,
+               disable=not world.is_main)
     while st.step < stop:
+        bar.update(1)
         epoch, in_epoch = divmod(st.step, r.per_epoch)
         if plan is None or plan.epoch != epoch:
             plan = draw_epoch_plan(r.samples_n, r.global_batch, r.reader.image_size, tc.patch_size, r.crop,
@@ -352,6 +356,7 @@ def _run_round(world: ddp.World, inp: RoundInputs, reward: RewardFn | None, dete
         _one_step(r, st, plan, epoch, in_epoch)
         if world.is_main and st.step < r.total and st.step % tc.checkpoint_every == 0:
             _save_partial(partial, r.mc, r.student, r.ema, r.opt, st, inp, r.extra)
+    bar.close()
     done = st.step == r.total
     if world.is_main and done:
         _finish(inp, r.mc, r.student, r.ema, r.opt, st, r.extra)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 import pyarrow as pa
 import torch
 from torch import nn
@@ -177,7 +178,9 @@ def _pretrain(paired_dir: Path, out: Path, cfg: Config, log: str | Path | None, 
     _log.info("pretrain: %d paired images, %d steps, perceptual %s", len(reader), pc.steps, per_kind)
     stop = pc.steps if stop_after is None else min(pc.steps, step + stop_after)
     model.train()
+    bar = tqdm(total=stop, initial=step, desc="pretrain", unit="step", mininterval=2.0)
     while step < stop:
+        bar.update(1)
         t = time.perf_counter()
         x, y = (v.to(dev) for v in reader.read(cfg.seed, step, pc.batch_size))
         terms = pretrain_step(net, opt, x, y, perceptual, pc.perceptual_weight, cfg.train.bf16)
@@ -185,6 +188,7 @@ def _pretrain(paired_dir: Path, out: Path, cfg: Config, log: str | Path | None, 
         step += 1
         if step < pc.steps and step % pc.checkpoint_every == 0:
             _save(partial, "train-state", cfg, model, opt, step, {**extra, "log": rows})
+    bar.close()
     final_loss = rows[-1]["loss"] if rows else math.nan
     if step < pc.steps:
         _save(partial, "train-state", cfg, model, opt, step, {**extra, "log": rows})
