@@ -60,15 +60,15 @@ def make_inputs(root: Path, n: int, size: int, seed: int = 0) -> tuple[Path, Pat
 
 
 @torch.no_grad()
-def naive_label(teacher: Path, images: Path, iqa: IQAConfig) -> int:
+def naive_label(teacher: Path, images: Path, iqa: IQAConfig, device: str = "cpu") -> int:
     """The authors' structure: per image, per augmentation, per block, batch 1 everywhere."""
-    model = load_model(teacher)
+    model = load_model(teacher, device=device)
     store = ImageStore(images)
-    ensemble = Ensemble(iqa)
+    ensemble = Ensemble(iqa, device=device)
     augs = get_augmentations(AUGS)
     n = 0
     for i in range(len(store)):
-        x = store.read_tensor([i])
+        x = store.read_tensor([i]).to(device)
         for aug in augs:
             pl = aug.inverse(model(aug.forward(x), 7.0)).clamp(0, 1)
             pl = pl.mul(255).round().div(255)
@@ -79,22 +79,30 @@ def naive_label(teacher: Path, images: Path, iqa: IQAConfig) -> int:
     return n
 
 
-def throughput(n: int, size: int) -> None:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def throughput(n: int, size: int, device: str = "cpu") -> None:
     iqa = IQAConfig(batch_size=16)
     with tempfile.TemporaryDirectory() as tmp:
         images, teacher = make_inputs(Path(tmp), n, size)
-        torch.set_num_threads(2)
+        if device == "cpu":
+            torch.set_num_threads(2)
         times: dict[str, list[float]] = {"batched": [], "naive": []}
-        for _ in range(2):  # interleaved repeats; report the best of each
+        for _ in range(2 if device == "cpu" else 3):  # interleaved repeats; report the best of each
             t0 = time.perf_counter()
-            label_shard(teacher, images, 0, 1, Path(tmp) / "out", 0, iqa, LabelConfig(batch_size=8), device="cpu",
+            label_shard(teacher, images, 0, 1, Path(tmp) / "out", 0, iqa, LabelConfig(batch_size=8), device=device,
                         progress=False)
+            _sync(device)
             times["batched"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            naive_label(teacher, images, iqa)
+            naive_label(teacher, images, iqa, device)
+            _sync(device)
             times["naive"].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
-    print(f"labeling {n} images at {size}x{size} (3 augmentations, BRISQUE+NIQE, whole + 2x2 blocks), CPU:")
+    print(f"labeling {n} images at {size}x{size} (3 augmentations, BRISQUE+NIQE, whole + 2x2 blocks), {device}:")
     for k, t in best.items():
         print(f"  {k:8s} {t:7.2f} s  {n / t:6.2f} images/s")
     print(f"  speed-up batched vs naive: {best['naive'] / best['batched']:.2f}x (target >= 5x)")
@@ -126,8 +134,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--rss-small", type=int, default=64)
     parser.add_argument("--rss-large", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the batched stage and the loop both)")
+    parser.add_argument("--skip-rss", action="store_true", help="only the throughput comparison")
     args = parser.parse_args()
-    throughput(args.images, args.size)
+    throughput(args.images, args.size, args.device)
+    if args.skip_rss:
+        return
     small, large = peak_rss(args.rss_small, 64), peak_rss(args.rss_large, 64)
     print(f"peak RSS labeling at 64x64: {args.rss_small} images {small:.0f} MiB, {args.rss_large} images "
           f"{large:.0f} MiB, ratio {large / small:.3f} (target <= 1.2)")
