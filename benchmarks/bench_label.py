@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qtlib.augment import get_augmentations
-from qtlib.config import IQAConfig, LabelConfig, Member, ModelConfig
+from qtlib.config import IQAConfig, LabelConfig, ModelConfig
 from qtlib.data import ImageStore
 from qtlib.data.store import StoreWriter, commit_path
 from qtlib.iqa import Ensemble

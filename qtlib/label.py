@@ -18,7 +18,6 @@ Outputs (written to temporary names, renamed into place at the end):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from qtlib.data.store import commit_path, partial_path, remove_path
 from qtlib.iqa import Ensemble
 from qtlib.ledger import STATUS_NAN, STATUS_OK, LedgerWriter
 from qtlib.models import ScoreConditioned, load_model
+from qtlib.runtime import file_hash, resolve_device
 
 
 @dataclass(frozen=True)
@@ -55,22 +55,6 @@ def shard_indices(n: int, shard: int, n_shards: int) -> np.ndarray:
     if not 0 <= shard < n_shards:
         raise ValueError(f"shard: expected 0 <= k < {n_shards}, got {shard}")
     return np.array_split(np.arange(n), n_shards)[shard]
-
-
-def file_hash(path: str | Path) -> str:
-    """First 16 hex digits of the sha256 of a file (the teacher's identity in the ledger)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` = CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _create_store(path: Path, n: int, k: int, size: tuple[int, int], metrics: list[str],

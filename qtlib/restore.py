@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from qtlib.imageio import IMAGE_EXTENSIONS, list_images, read_image, write_image
 from qtlib.models import ScoreConditioned, size_multiple
+from qtlib.runtime import resolve_device
 
 ScoreArg = float | torch.Tensor
 
@@ -35,16 +36,6 @@ class RestoreResult:
 
     outputs: list[Path]
     seconds: float
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` without a GPU is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
-    return dev
 
 
 def tile_spans(size: int, tile: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:

@@ -6,7 +6,8 @@ import argparse
 
 from qtlib.cli.errors import UserError
 from qtlib.models import CheckpointError, load_model
-from qtlib.restore import resolve_device, restore_path
+from qtlib.restore import restore_path
+from qtlib.runtime import resolve_device
 
 
 def _score(text: str) -> float:

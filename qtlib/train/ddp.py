@@ -55,7 +55,7 @@ def init_process_group(rank: int, size: int, device: torch.device, port: int) ->
 
 def _entry(rank: int, size: int, port: int, fn: Callable[..., Any], args: tuple, threads: int) -> None:
     torch.set_num_threads(threads)
-    from qtlib.train.runtime import resolve_device
+    from qtlib.runtime import resolve_device
 
     device = resolve_device(args[0], rank) if isinstance(args[0], str) else args[0]
     init_process_group(rank, size, device, port)

@@ -50,7 +50,8 @@ from qtlib.train.data import (
 )
 from qtlib.train.perceptual import build_perceptual
 from qtlib.train.runtime import determinism as determinism_switch
-from qtlib.train.runtime import process_seed, resolve_device, seed_everything
+from qtlib.runtime import file_hash, resolve_device
+from qtlib.train.runtime import process_seed, seed_everything
 from qtlib.train.step import (
     TERMS,
     RewardFn,
@@ -132,15 +133,6 @@ class TrainResult:
 def partial_path(out_student: Path) -> Path:
     """The step checkpoint of an unfinished round: ``<out-student>.partial``."""
     return out_student.with_name(out_student.name + ".partial")
-
-
-def file_hash(path: Path) -> str:
-    """First 16 hex digits of a file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def fingerprint(inp: RoundInputs, world: int) -> str:

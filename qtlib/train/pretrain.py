@@ -43,7 +43,8 @@ from qtlib.models import (
 from qtlib.train.data import PairedReader
 from qtlib.train.losses import weighted_l1
 from qtlib.train.perceptual import build_perceptual, resolve_perceptual
-from qtlib.train.runtime import autocast, resolve_device, seed_everything
+from qtlib.runtime import resolve_device
+from qtlib.train.runtime import autocast, seed_everything
 from qtlib.train.runtime import determinism as determinism_switch
 
 _log = logging.getLogger(__name__)

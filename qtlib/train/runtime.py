@@ -65,17 +65,6 @@ def determinism(enabled: bool) -> Iterator[dict[str, bool]]:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[2], prev[3]
 
 
-def resolve_device(device: str, rank: int = 0) -> torch.device:
-    """``auto`` = CUDA when available, else CPU; on CUDA each rank gets ``cuda:rank``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda': no CUDA device is available")
-        return torch.device("cuda", rank)
-    return torch.device(device)
-
-
 @contextlib.contextmanager
 def autocast(device: torch.device, bf16: bool) -> Iterator[None]:
     """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU runs stay fp32)."""
