@@ -159,7 +159,8 @@ def dual_drop(ledger: pd.DataFrame, cfg: GateConfig, n_aug: int) -> tuple[pd.Dat
 
 def _candidates(ledger: pd.DataFrame, kept_ids: pd.Index, metrics: list[str]) -> pd.DataFrame:
     cand = ledger[ledger["image_id"].isin(kept_ids)].copy()
-    cand["store"] = [store_path(r, k) for r, k in zip(cand["round"], cand["shard"], strict=True)]
+    cand["store"] = ("round_" + cand["round"].astype(str) + "/labels/shard_" + cand["shard"].astype(str)
+                     + ".zarr")  # = store_path(round, shard), vectorized
     cols = ["image_id", "source_index", "store", "round", "shard", "index", "aug_index", "augmentation",
             "S", "blocks_S", *[f"norm_{m}" for m in metrics], "teacher_hash"]
     return cand[cols]
