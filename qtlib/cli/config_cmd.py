@@ -6,8 +6,8 @@ import argparse
 
 import yaml
 
-from qtlib.cli.errors import UserError
-from qtlib.config import ConfigError, load_config, to_dict
+from qtlib.cli.errors import user_config
+from qtlib.config import to_dict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from exc
+    config = user_config(args.config)
     print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
     return 0

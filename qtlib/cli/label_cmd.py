@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qtlib.cli.errors import UserError
-from qtlib.config import ConfigError, load_config
+from qtlib.cli.errors import UserError, user_config
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -39,17 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     gate.set_defaults(func=run_gate_cmd)
 
 
-def _config(path: str):
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from exc
-
-
 def run_label(args: argparse.Namespace) -> int:
     from qtlib.label import label_shard
 
-    cfg = _config(args.config)
+    cfg = user_config(args.config)
     for p in (args.teacher, args.images):
         if not p.exists():
             raise UserError(f"{p}: no such file or folder")
@@ -64,7 +56,7 @@ def run_label(args: argparse.Namespace) -> int:
 def run_gate_cmd(args: argparse.Namespace) -> int:
     from qtlib.gate import run_gate
 
-    cfg = _config(args.config)
+    cfg = user_config(args.config)
     for p in [*args.ledger, *([args.bank_prev] if args.bank_prev else [])]:
         if not p.is_file():
             raise UserError(f"{p}: no such file")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtlib.cli.errors import UserError
+from qtlib.cli.errors import UserError, user_config
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions: `qt --help` must be quick
     import pandas
@@ -50,13 +50,9 @@ def parse_grid(text: str) -> tuple[int, int]:
 
 
 def _iqa_config(args: argparse.Namespace) -> IQAConfig:
-    from qtlib.config import ConfigError, load_config
     from qtlib.config.types import IQAConfig, Member
 
-    try:
-        cfg = load_config(args.config).iqa if args.config else IQAConfig()
-    except ConfigError as exc:
-        raise UserError(str(exc)) from exc
+    cfg = user_config(args.config).iqa if args.config else IQAConfig()
     if args.metrics:
         names = [m.strip() for m in args.metrics.split(",") if m.strip()]
         cfg = dataclasses.replace(cfg, ensemble=tuple(Member(m, 1.0) for m in names))

@@ -6,8 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from qtlib.cli.errors import UserError
-from qtlib.config import ConfigError, load_config
+from qtlib.cli.errors import UserError, user_config
 
 
 def _add_resume(parser: argparse.ArgumentParser, out_flag: str) -> None:
@@ -47,10 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _setup(args: argparse.Namespace):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from exc
+    cfg = user_config(args.config)
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after: expected N >= 1, got {args.stop_after}")
     resume = False if args.no_resume else (args.resume if args.resume is not None else True)
