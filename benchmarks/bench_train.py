@@ -30,11 +30,11 @@ import torch
 from qtlib.config import IQAConfig, Member, ModelConfig, NAFNetConfig, UNetConfig
 from qtlib.config.types import Losses, TrainConfig
 from qtlib.models import EMA, build_model
-from qtlib.train import StepContext, StudentPasses, resolve_switches, train_step
-from qtlib.train.data import Batch
-from qtlib.train.perceptual import build_perceptual, resolve_perceptual
-from qtlib.train.runtime import set_determinism
-from qtlib.train.step import build_reward, crop_side
+from qtlib.train import build_step_context, train_step
+from qtlib.train.samples import Batch
+from qtlib.train.perceptual import resolve_perceptual
+from qtlib.train.compute import set_determinism
+from qtlib.train.step import crop_side
 
 ENSEMBLES = {
     "brisque": IQAConfig(ensemble=(Member("brisque", 1.0),)),
@@ -75,14 +75,9 @@ def make_step(method: str, iqa: IQAConfig, args: argparse.Namespace, bf16: bool)
                      nafnet=NAFNetConfig())  # NAFNet: the paper's width-32 model
     dev = torch.device(args.device)
     student = build_model(mc).to(dev)
-    sw = resolve_switches(tc, conditioned=True, perceptual=per)
-    crop = crop_side(args.patch, tc.losses.cropped.fraction)
-    ctx = StepContext(
-        StudentPasses(student), student, torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=tc.betas), sw,
-        tc.losses, 7.0, crop, build_reward(iqa, args.patch, dev) if sw.preference else None,
-        build_reward(iqa, crop, dev) if sw.cropped else None, build_perceptual(per, dev),
-        [p.detach().clone() for p in student.injection_parameters()], dev, bf16,
-    )
+    opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=tc.betas)
+    ctx = build_step_context(student, opt, tc, iqa, dev, top_score=7.0, bf16=bf16, perceptual=per)
+    sw = ctx.switches
     ema = EMA(student, tc.ema_decay)
     student.train()
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qtlib.util.checks import check_shape
+
 Op = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -54,8 +56,7 @@ def restore_augmented(
     Returns:
         ``(B, K, C, H, W)`` pseudo-labels in the original coordinates.
     """
-    if images.ndim != 4:
-        raise ValueError(f"images: expected (B, C, H, W), got {tuple(images.shape)}")
+    check_shape(images, ["B", "C", "H", "W"], "images")
     if images.shape[-1] != images.shape[-2] and any(a.name == "rot90" for a in augs):
         raise ValueError(f"images: rot90 needs square images to batch the views, got {tuple(images.shape[-2:])}")
     b = images.shape[0]

@@ -32,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 
 from qtlib.config import GateConfig
+from qtlib.layout import label_store_column
 from qtlib.ledger import STATUS_OK, metrics_of
 
 KEPT, DROPPED, INVALID = "kept", "dropped", "invalid"
@@ -78,11 +79,6 @@ def bank_schema(metrics: list[str]) -> pa.Schema:
         ],
         metadata={"qtlib.table": "bank"},
     )
-
-
-def store_path(round_: int, shard: int) -> str:
-    """Path of a label store relative to the results folder."""
-    return f"round_{round_}/labels/shard_{shard}.zarr"
 
 
 @dataclass(frozen=True)
@@ -159,8 +155,7 @@ def dual_drop(ledger: pd.DataFrame, cfg: GateConfig, n_aug: int) -> tuple[pd.Dat
 
 def _candidates(ledger: pd.DataFrame, kept_ids: pd.Index, metrics: list[str]) -> pd.DataFrame:
     cand = ledger[ledger["image_id"].isin(kept_ids)].copy()
-    cand["store"] = ("round_" + cand["round"].astype(str) + "/labels/shard_" + cand["shard"].astype(str)
-                     + ".zarr")  # = store_path(round, shard), vectorized
+    cand["store"] = label_store_column(cand["round"].to_numpy(), cand["shard"].to_numpy())
     cols = ["image_id", "source_index", "store", "round", "shard", "index", "aug_index", "augmentation",
             "S", "blocks_S", *[f"norm_{m}" for m in metrics], "teacher_hash"]
     return cand[cols]

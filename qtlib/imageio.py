@@ -7,13 +7,14 @@ converted to RGB) and written as 8-bit PNG (or by extension).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from qtlib.util.atomic import atomic_path
+from qtlib.util.checks import check_shape
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -31,15 +32,15 @@ def list_images(root: str | Path) -> list[Path]:
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 array -> ``(3, H, W)`` float32 tensor in [0, 1]."""
-    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+    check_shape(array, ["H", "W", 3], "array")
+    if array.dtype != np.uint8:
         raise ValueError(f"array: expected (H, W, 3) uint8, got {array.shape} {array.dtype}")
     return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """``(3, H, W)`` float tensor in [0, 1] -> ``(H, W, 3)`` uint8 array (rounded, clamped)."""
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image: expected shape (3, H, W), got {tuple(image.shape)}")
+    check_shape(image, [3, "H", "W"], "image")
     arr = image.detach().float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
     return arr.permute(1, 2, 0).cpu().numpy()
 
@@ -55,15 +56,9 @@ def read_image(path: str | Path) -> torch.Tensor:
 def write_image(path: str | Path, image: torch.Tensor) -> None:
     """Write a ``(3, H, W)`` tensor in [0, 1] atomically (temp file + rename); format from the suffix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    # The temporary keeps the real suffix: Pillow picks the format from it.
+    with atomic_path(path, suffix=path.suffix) as tmp:
         Image.fromarray(to_uint8(image)).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:

@@ -19,6 +19,7 @@ Outputs (written to temporary names, renamed into place at the end):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +33,12 @@ from qtlib import __version__
 from qtlib.augment import get_augmentations, restore_augmented
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
-from qtlib.data.store import commit_path, partial_path, remove_path
+from qtlib.data.store import commit_path, staging_path, remove_path
 from qtlib.iqa import Ensemble
 from qtlib.ledger import STATUS_NAN, STATUS_OK, LedgerWriter
-from qtlib.models import ScoreConditioned, load_model
+from qtlib.models import load_model
 from qtlib.runtime import file_hash, resolve_device
+from qtlib.util.checks import check_image
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,60 @@ def _ledger_rows(ids: list[str], src: np.ndarray, rows: np.ndarray, aug_names: l
     return frame
 
 
+def _open_staging_store(tmp: Path, prepared: ImageStore, rows: np.ndarray, augs: list, metrics: list[str],
+                        grid: tuple[int, int], meta: dict) -> zarr.Group:
+    """A fresh label store at the staging path ``tmp`` (committed onto the final path when complete)."""
+    attrs = {**meta, "image_ids": [prepared.ids[i] for i in rows], "source_indices": rows.tolist(),
+             "augmentations": [a.name for a in augs], "metrics": metrics, "qtlib_version": __version__}
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    remove_path(tmp)
+    return _create_store(tmp, len(rows), len(augs), prepared.shape[2:], metrics, grid, attrs)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """What every batch of a shard shares: the teacher call, augmentations, ensemble, output store, metadata."""
+
+    restore: Callable[[torch.Tensor], torch.Tensor]
+    augs: list
+    ensemble: Ensemble
+    group: zarr.Group
+    grid: tuple[int, int]
+    meta: dict
+
+
+def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, start: int) -> pd.DataFrame:
+    """Restore ``x`` under every augmentation, score labels and blocks, write store rows from ``start``.
+
+    Returns the batch's ledger rows.
+    """
+    check_image(x, "x", channels=3, value_range=(0.0, 1.0))
+    pls = restore_augmented(sh.restore, x, sh.augs).clamp_(0, 1)
+    q = pls.mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
+    flat = q.flatten(0, 1).float().div_(255.0)
+    scores = sh.ensemble.score(flat)
+    blocks = sh.ensemble.score_blocks(flat)
+    b, k, g = x.shape[0], len(sh.augs), sh.group
+    metrics = list(sh.ensemble.members)
+    sl = slice(start, start + b)
+    g["labels"][sl] = q.cpu().numpy()
+    g["S"][sl] = scores.S.double().cpu().numpy().reshape(b, k)
+    g["raw"][sl] = torch.stack([scores.raw[m] for m in metrics], -1).double().cpu().numpy().reshape(b, k, -1)
+    g["blocks_S"][sl] = blocks.S.float().cpu().numpy().reshape(b, k, *sh.grid)
+    g["blocks_raw"][sl] = torch.stack([blocks.raw[m] for m in metrics], 1).float().cpu().numpy() \
+        .reshape(b, k, len(metrics), *sh.grid)
+    return _ledger_rows(ids, src, np.arange(start, start + b), [a.name for a in sh.augs], scores, blocks, metrics,
+                        sh.meta)
+
+
 @torch.no_grad()
 def label_shard(
     teacher: str | Path,
     images: str | Path,
     shard: int,
     n_shards: int,
-    out_dir: str | Path,
+    out_store: str | Path,
+    out_ledger: str | Path,
     round_: int,
     iqa_cfg: IQAConfig,
     label_cfg: LabelConfig,
@@ -118,7 +167,8 @@ def label_shard(
         teacher: teacher checkpoint (its EMA weights are used when present).
         images: the prepared ``images.zarr`` (its ``manifest.parquet`` beside it).
         shard, n_shards: which shard of the rows (k of K).
-        out_dir: the round folder; writes ``labels/shard_{k}.zarr`` and ``ledger/shard_{k}.parquet``.
+        out_store: the label store to write (``Layout.label_store(r, k)``: the bank points into it by
+            round and shard); out_ledger: the ledger shard to write (Parquet).
         round_: the round number r recorded in every row.
         iqa_cfg: the ensemble; label_cfg: batch size and augmentations.
         device: cpu, cuda or auto.
@@ -127,30 +177,18 @@ def label_shard(
         :class:`LabelResult` with the written paths and counts.
     """
     dev = resolve_device(device)
-    out_dir = Path(out_dir)
-    store_final = out_dir / "labels" / f"shard_{shard}.zarr"
-    ledger_final = out_dir / "ledger" / f"shard_{shard}.parquet"
+    store_final, ledger_final = Path(out_store), Path(out_ledger)
     prepared = ImageStore(images)
     rows = shard_indices(len(prepared.ids), shard, n_shards)
     model = load_model(teacher, use_ema=True, device=str(dev))
-    top = float(model.cfg.top_score) if isinstance(model, ScoreConditioned) else None
     augs = get_augmentations(label_cfg.augmentations)
-    aug_names = [a.name for a in augs]
     ensemble = Ensemble(iqa_cfg, device=dev)
     metrics = list(ensemble.members)
     meta = {"round": round_, "shard": shard, "teacher_hash": file_hash(teacher),
             "metric_versions": json.dumps(ensemble.versions(), sort_keys=True)}
-    attrs = {**meta, "image_ids": [prepared.ids[i] for i in rows], "source_indices": rows.tolist(),
-             "augmentations": aug_names, "metrics": metrics, "qtlib_version": __version__}
-
-    store_final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_store = partial_path(store_final)
-    remove_path(tmp_store)
-    group = _create_store(tmp_store, len(rows), len(augs), prepared.shape[2:], metrics, iqa_cfg.blocks, attrs)
-
-    def restore(x: torch.Tensor) -> torch.Tensor:
-        return model(x, top) if top is not None else model(x)
-
+    tmp_store = staging_path(store_final)
+    group = _open_staging_store(tmp_store, prepared, rows, augs, metrics, iqa_cfg.blocks, meta)
+    shard_ctx = _Shard(lambda x: model(x, model.top_score), augs, ensemble, group, tuple(iqa_cfg.blocks), meta)
     n_nan = 0
     bs = label_cfg.batch_size
     try:
@@ -159,22 +197,7 @@ def label_shard(
                               disable=not progress, unit="batch"):
                 batch_rows = rows[start:start + bs]
                 x = prepared.read_tensor(batch_rows).to(dev)
-                pls = restore_augmented(restore, x, augs).clamp_(0, 1)
-                q = pls.mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
-                flat = q.flatten(0, 1).float().div_(255.0)
-                scores = ensemble.score(flat)
-                blocks = ensemble.score_blocks(flat)
-                sl = slice(start, start + len(batch_rows))
-                b, k = len(batch_rows), len(augs)
-                group["labels"][sl] = q.cpu().numpy()
-                group["S"][sl] = scores.S.double().cpu().numpy().reshape(b, k)
-                group["raw"][sl] = torch.stack([scores.raw[m] for m in metrics], -1).double().cpu().numpy() \
-                    .reshape(b, k, -1)
-                group["blocks_S"][sl] = blocks.S.float().cpu().numpy().reshape(b, k, *iqa_cfg.blocks)
-                group["blocks_raw"][sl] = torch.stack([blocks.raw[m] for m in metrics], 1).float().cpu() \
-                    .numpy().reshape(b, k, len(metrics), *iqa_cfg.blocks)
-                frame = _ledger_rows([prepared.ids[i] for i in batch_rows], batch_rows,
-                                     np.arange(start, start + b), aug_names, scores, blocks, metrics, meta)
+                frame = _label_batch(shard_ctx, x, [prepared.ids[i] for i in batch_rows], batch_rows, start)
                 n_nan += int((frame["status"] != STATUS_OK).sum())
                 writer.write(frame)
         commit_path(tmp_store, store_final)

@@ -29,15 +29,16 @@ status             string      ok, nan_score (a score is NaN/inf), ...
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from qtlib.util.atomic import atomic_path, commit_file, discard, make_temp
 
 KEY_COLUMNS = ("image_id", "source_index", "round", "shard", "index", "aug_index", "augmentation")
 STATUS_OK = "ok"
@@ -93,15 +94,8 @@ def write_table(table: pa.Table | pd.DataFrame, path: str | Path, schema: pa.Sch
         table = to_table(table, schema)
     elif not table.schema.equals(schema, check_metadata=False):
         raise ValueError(f"{path}: table schema differs from the declared schema")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table.replace_schema_metadata({**(schema.metadata or {})}), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -114,9 +108,8 @@ class LedgerWriter:
     def __init__(self, path: str | Path, metrics: Sequence[str]) -> None:
         self.path = Path(path)
         self.schema = ledger_schema(metrics)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
+        # Not `with atomic_path`: the file stays open across write() calls until close().
+        self._tmp = make_temp(self.path)
         self._writer = pq.ParquetWriter(self._tmp, self.schema)
         self.rows = 0
 
@@ -126,15 +119,16 @@ class LedgerWriter:
 
     def close(self) -> Path:
         self._writer.close()
-        os.replace(self._tmp, self.path)
-        return self.path
+        try:
+            return commit_file(self._tmp, self.path)
+        finally:
+            discard(self._tmp)  # gone after a successful commit; removed if it failed
 
     def abort(self) -> None:
         self._writer.close()
-        if os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        discard(self._tmp)
 
-    def __enter__(self) -> LedgerWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -10,6 +10,15 @@ translation-equivariant model (the U-Net) then equals the whole-image restore
 up to float rounding. Models with global operations (NAFNet's channel
 attention pools over the whole input) see tile statistics instead, and differ
 a little everywhere.
+
+Which weights restore: :func:`load_restorer` takes the STUDENT weights of a
+``student`` checkpoint by default. Those are the weights the score conditioning
+was trained on; the EMA copy in the same file trails them (``train.ema_decay``,
+0.998 by default), so its score embedding, which starts at zero, is a damped
+copy of the student's, and after short rounds its output barely changes with
+the score.
+``ema=True`` takes the EMA weights instead. A ``teacher`` checkpoint holds only
+EMA weights and a ``pretrain`` checkpoint only its model weights.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qtlib.imageio import IMAGE_EXTENSIONS, list_images, read_image, write_image
-from qtlib.models import ScoreConditioned, size_multiple
+from qtlib.models import CheckpointError, load_checkpoint, load_model, size_multiple
 from qtlib.runtime import resolve_device
 
 ScoreArg = float | torch.Tensor
@@ -67,10 +76,46 @@ def blend_window(length: int, overlap: int, single: bool, device: torch.device |
     return (torch.minimum(i + 0.5, length - i - 0.5) / overlap).clamp(max=1.0)
 
 
-def _forward(model: nn.Module, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    if isinstance(model, ScoreConditioned):
-        return model(x, score)
-    return model(x)
+@dataclass(frozen=True)
+class Restorer:
+    """A model loaded for restoring, with what its checkpoint says about it.
+
+    Attributes:
+        model: in eval mode; called as ``model(x, score)`` (an unconditioned model ignores the score).
+        weights: ``"student"``, ``"EMA"`` or ``"model"`` (a pretrain checkpoint's only weights).
+        kind: the checkpoint kind.
+        conditioned: the output depends on the score (``model_config.conditioning.enabled``).
+        top_score: scores above it give the same output as it (None when unconditioned).
+    """
+
+    model: nn.Module
+    weights: str
+    kind: str
+    conditioned: bool
+    top_score: float | None
+
+
+def load_restorer(path: str | Path, ema: bool = False, device: str | torch.device = "cpu") -> Restorer:
+    """Load a checkpoint for restoring: the student weights by default, the EMA weights with ``ema=True``.
+
+    Args:
+        path: a qtlib checkpoint (any kind).
+        ema: take the EMA weights (``student`` and ``train-state`` checkpoints hold both; a
+            ``teacher`` checkpoint holds only EMA weights, taken either way).
+        device: where to put the model.
+
+    Raises:
+        CheckpointError: see :func:`~qtlib.models.load_checkpoint`; also ``ema=True`` for a
+            checkpoint without EMA weights (``pretrain``).
+    """
+    ckpt = load_checkpoint(path)
+    has_ema = ckpt.ema_state is not None or ckpt.kind == "teacher"
+    if ema and not has_ema:
+        raise CheckpointError(f"{path}: a {ckpt.kind!r} checkpoint holds no EMA weights")
+    weights = "EMA" if ckpt.kind == "teacher" or ema else ("student" if ckpt.ema_state is not None else "model")
+    cond = ckpt.model_config.conditioning
+    model = load_model(path, use_ema=ema, device=device)
+    return Restorer(model, weights, ckpt.kind, cond.enabled, float(cond.top_score) if cond.enabled else None)
 
 
 def restore_tiled(
@@ -98,7 +143,7 @@ def restore_tiled(
         for i in range(0, len(corners), batch_size):
             chunk = corners[i : i + batch_size]
             tiles = torch.stack([image[:, y : y + th, x : x + tw] for y, x in chunk])
-            pred = _forward(model, tiles, torch.full((len(chunk),), float(score), device=image.device))
+            pred = model(tiles, torch.full((len(chunk),), float(score), device=image.device))
             if out is None:
                 out = torch.zeros((pred.shape[1], h, w), device=pred.device, dtype=pred.dtype)
             for (y, x), p in zip(chunk, pred, strict=True):
@@ -119,7 +164,7 @@ def restore_tensor(
     """Restore a batch, tiling each image whose side exceeds ``tile``.
 
     Args:
-        model: a backbone or :class:`~qtlib.models.ScoreConditioned` (the score is ignored by a bare backbone).
+        model: any built model, called as ``model(x, score)`` (an unconditioned one ignores the score).
         x: images on the model's device.
         score: one quality score (0..10) for all images, or one per image.
         tile: tile side in pixels; None = whole images.
@@ -137,7 +182,7 @@ def restore_tensor(
         raise ValueError(f"score: expected a number or shape ({x.shape[0]},), got {tuple(scores.shape)}")
     scores = scores.reshape(-1).expand(x.shape[0])
     if tile is None or (x.shape[-2] <= tile and x.shape[-1] <= tile):
-        return _forward(model, x, scores)
+        return model(x, scores)
     return torch.stack([
         restore_tiled(model, img, float(s), tile, overlap, batch_size) for img, s in zip(x, scores, strict=True)
     ])

@@ -124,3 +124,15 @@ def test_environment_yml_pins_match_pyproject() -> None:
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     env_pins = {p for p in pip_section if not p.startswith("-e")}
     assert env_pins == pins
+
+
+def test_exception_start_beyond_iteration_budget() -> None:
+    from qtlib.config import ConfigError, config_from_dict
+
+    ok = {"rounds": 2, "train": {"steps": 1500, "losses": {"pref": {"start": 2000}}}}
+    assert config_from_dict(ok).train.steps == 1500  # 2000 < 2 x 1500: the term runs in round 1
+    bad = {"rounds": 1, "train": {"steps": 1500, "losses": {"pref": {"start": 2000}}}}
+    with pytest.raises(ConfigError, match=r"train.losses.pref.start: 2000 lies beyond the iteration budget"):
+        config_from_dict(bad)
+    off = {"rounds": 1, "train": {"steps": 1500, "preference": False, "losses": {"pref": {"start": 2000}}}}
+    assert config_from_dict(off).train.preference is False  # a term that is off may start anywhere

@@ -12,6 +12,7 @@ import pytest
 import torch
 import zarr
 
+from qtlib.layout import label_store_in, ledger_in
 from qtlib.augment import get_augmentations, restore_augmented
 from qtlib.config import IQAConfig, LabelConfig, ModelConfig, UNetConfig
 from qtlib.data import ImageStore
@@ -67,7 +68,7 @@ def labeled(setup: dict[str, Path]) -> Path:
 
     def run(k: int) -> None:
         try:
-            label_shard(setup["teacher"], setup["images"], k, 2, out, 0, IQA, LabelConfig(batch_size=2),
+            label_shard(setup["teacher"], setup["images"], k, 2, label_store_in(out, k), ledger_in(out, k), 0, IQA, LabelConfig(batch_size=2),
                         device="cpu", progress=False)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -144,7 +145,7 @@ def test_nan_scores_get_a_status_and_are_kept_out_of_the_bank(labeled: Path) -> 
 
 def test_rerun_replaces_store_atomically(labeled: Path, setup: dict[str, Path]) -> None:
     before = zarr.open_group(str(labeled / "labels" / "shard_0.zarr"), mode="r")["S"][:]
-    label_shard(setup["teacher"], setup["images"], 0, 2, labeled, 0, IQA, LabelConfig(batch_size=2),
+    label_shard(setup["teacher"], setup["images"], 0, 2, label_store_in(labeled, 0), ledger_in(labeled, 0), 0, IQA, LabelConfig(batch_size=2),
                 device="cpu", progress=False)
     after = zarr.open_group(str(labeled / "labels" / "shard_0.zarr"), mode="r")["S"][:]
     np.testing.assert_array_equal(before, after)  # same teacher and batches: identical labels

@@ -14,8 +14,8 @@ from torch import nn
 from qtlib.cli import main
 from qtlib.config import ConditioningConfig, ModelConfig, NAFNetConfig, UNetConfig
 from qtlib.imageio import read_image, to_uint8, write_image
-from qtlib.models import Checkpoint, build_model, save_checkpoint, size_multiple
-from qtlib.restore import blend_window, restore_path, restore_tensor, tile_spans
+from qtlib.models import EMA, Checkpoint, build_model, save_checkpoint, size_multiple
+from qtlib.restore import blend_window, load_restorer, restore_path, restore_tensor, tile_spans
 
 CFGS = {
     "unet": ModelConfig(unet=UNetConfig(width=4, depth=2)),
@@ -184,7 +184,65 @@ def test_cli_restore_folder_nested(tmp_path: Path, checkpoint: Path, capsys: pyt
     assert not torch.equal(read_image(tmp_path / "top.png"), read_image(tmp_path / "out" / "a.png"))
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "foreign", "overlap"])
+@pytest.fixture
+def student_checkpoint(tmp_path: Path) -> tuple[Path, nn.Module, nn.Module]:
+    """A student checkpoint whose score embedding is trained (non-zero) while its EMA's is still at zero,
+    the situation after a short round; returns (path, student, EMA teacher)."""
+    cfg = ModelConfig(unet=UNetConfig(width=4, depth=2), conditioning=ConditioningConfig(embedding="discrete"))
+    student = trained_like(cfg)
+    ema = EMA(student, decay=0.998)
+    with torch.no_grad():
+        for p, q in zip(student.injection_parameters(), ema.module.injection_parameters(), strict=True):
+            p.normal_(std=10.0)  # a trained embedding, large enough to move 8-bit outputs
+            q.zero_()
+    path = save_checkpoint(tmp_path / "student.pt", Checkpoint("student", cfg, student.state_dict(), ema.state_dict()))
+    return path, student, ema.module.eval()
+
+
+def test_cli_restore_student_weights_by_default(tmp_path: Path, student_checkpoint: tuple[Path, nn.Module, nn.Module],
+                                                capsys: pytest.CaptureFixture) -> None:
+    """--score matters by default (student weights); --ema gives the EMA teacher's output, inert here."""
+    path, student, teacher = student_checkpoint
+    x = torch.rand(3, 24, 32)
+    write_image(tmp_path / "x.png", x)
+
+    def restored(score: str, *flags: str) -> np.ndarray:
+        out = tmp_path / f"s{score}{''.join(flags)}.png"
+        rc = main(["restore", "--checkpoint", str(path), "--score", score, "--device", "cpu", "--quiet", *flags,
+                   str(tmp_path / "x.png"), str(out)])
+        assert rc == 0
+        return np.asarray(Image.open(out)).astype(int)
+
+    def expected(model: nn.Module, score: float) -> np.ndarray:
+        with torch.no_grad():
+            return to_uint8(restore_tensor(model, read_image(tmp_path / "x.png")[None], score)[0]).astype(int)
+
+    s0, s7 = restored("0"), restored("7")
+    assert "(student weights, score 7)" in capsys.readouterr().out
+    assert np.abs(s0 - s7).max() > 5
+    assert np.abs(s0 - expected(student, 0.0)).max() <= 1 and np.abs(s7 - expected(student, 7.0)).max() <= 1
+    assert np.array_equal(restored("7", "--no-ema"), s7)  # the old flag is the default now
+    e0, e7 = restored("0", "--ema"), restored("7", "--ema")
+    assert "(EMA weights, score 7)" in capsys.readouterr().out
+    assert np.array_equal(e0, e7)
+    assert np.abs(e7 - expected(teacher, 7.0)).max() <= 1
+    assert np.abs(e7 - s7).max() > 5
+
+
+def test_load_restorer_weights_by_kind(tmp_path: Path, student_checkpoint: tuple[Path, nn.Module, nn.Module],
+                                       checkpoint: Path) -> None:
+    path, student, teacher = student_checkpoint
+    x, score = torch.rand(1, 3, 16, 16), torch.tensor([3.0])
+    default, ema = load_restorer(path), load_restorer(path, ema=True)
+    assert (default.weights, ema.weights, default.kind) == ("student", "EMA", "student")
+    assert default.conditioned and default.top_score == 7.0
+    with torch.no_grad():
+        assert torch.equal(default.model(x, score), student(x, score))
+        assert torch.equal(ema.model(x, score), teacher(x, score))
+    assert load_restorer(checkpoint).weights == load_restorer(checkpoint, ema=True).weights == "EMA"  # teacher.pt
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "foreign", "overlap", "ema_of_pretrain", "ema_and_no_ema"])
 def test_cli_restore_errors(tmp_path: Path, checkpoint: Path, case: str, capsys: pytest.CaptureFixture) -> None:
     write_image(tmp_path / "in" / "x.png", torch.rand(3, 8, 8))
     ckpt, extra = checkpoint, []
@@ -196,12 +254,23 @@ def test_cli_restore_errors(tmp_path: Path, checkpoint: Path, case: str, capsys:
     elif case == "foreign":
         ckpt = tmp_path / "foreign.pt"
         torch.save({"weights": torch.ones(2)}, ckpt)
+    elif case == "ema_of_pretrain":
+        cfg = ModelConfig(unet=UNetConfig(width=4, depth=2))
+        ckpt = save_checkpoint(tmp_path / "model.pt", Checkpoint("pretrain", cfg, build_model(cfg).state_dict()))
+        extra = ["--ema"]
+    elif case == "ema_and_no_ema":
+        extra = ["--ema", "--no-ema"]
     else:
         extra = ["--tile", "16", "--overlap", "16"]
+    if case == "ema_and_no_ema":  # an argparse usage error: exit status 2
+        with pytest.raises(SystemExit) as exc:
+            main(["restore", "--checkpoint", str(ckpt), *extra, str(tmp_path / "in"), str(tmp_path / "out")])
+        assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+        return
     rc = main(["restore", "--checkpoint", str(ckpt), *extra, str(tmp_path / "in"), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("qt restore: error: ") and err.count("\n") == 1
     message = {"missing": "checkpoint not found", "corrupt": "corrupt checkpoint", "foreign": "not a qtlib checkpoint",
-               "overlap": "must be smaller than --tile"}[case]
+               "overlap": "must be smaller than --tile", "ema_of_pretrain": "holds no EMA weights"}[case]
     assert message in err
     assert not (tmp_path / "out").exists()

@@ -29,6 +29,7 @@ import pytest
 import torch
 import yaml
 
+from qtlib.layout import Layout
 from qtlib.cli import main
 from qtlib.config import config_from_dict
 from qtlib.config.types import Config
@@ -36,7 +37,7 @@ from qtlib.data.store import StoreWriter, commit_path
 from qtlib.gate import run_gate
 from qtlib.label import label_shard
 from qtlib.models import load_checkpoint
-from qtlib.train import LOG_SCHEMA, pretrain, train_one_round
+from qtlib.train import LOG_SCHEMA, RoundPaths, pretrain, train_one_round
 
 pytestmark = pytest.mark.slow
 
@@ -99,11 +100,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _write_store(root / "paired" / "degraded.zarr", _degrade(clean, 1), "p")
     _write_store(root / "images.zarr", _degrade(_photos(4, 5), 2), "u")
     cfg = _config()
-    result = pretrain(root / "paired", root / "pretrain" / "model.pt", cfg, log=root / "pretrain" / "log.parquet")
+    result = _pretrain(root / "paired", root / "pretrain" / "model.pt", cfg, losses=root / "pretrain" / "log.parquet")
     assert result.model is not None and result.steps == 4
     results = root / "results"
     for k in range(2):
-        label_shard(result.model, root / "images.zarr", k, 2, results / "round_0", 0, cfg.iqa, cfg.label,
+        label_shard(result.model, root / "images.zarr", k, 2, Layout(results).label_store(0, k),
+                    Layout(results).ledger(0, k), 0, cfg.iqa, cfg.label,
                     device="cpu", progress=False)
     ledgers = sorted((results / "round_0" / "ledger").glob("shard_*.parquet"))
     run_gate(ledgers, None, cfg.gate, len(cfg.label.augmentations), results / "round_0" / "gate.parquet",
@@ -113,8 +115,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _round(w: dict[str, Path], out: Path, cfg: Config, **kw: object):
-    return train_one_round(cfg, 0, w["model"], w["model"], w["bank"], w["images"], w["results"],
-                           out / "student.pt", out / "teacher.pt", out / "losses.parquet", **kw)
+    paths = RoundPaths.of(teacher=w["model"], student=w["model"], bank=w["bank"], images=w["images"],
+                          results_dir=w["results"], out_student=out / "student.pt", out_teacher=out / "teacher.pt",
+                          losses=out / "losses.parquet")
+    kw.setdefault("device", cfg.device)
+    return train_one_round(paths, 0, cfg.train, cfg.iqa, cfg.compute, cfg.seed, **kw)
+
+
+def _pretrain(paired: Path, out: Path, cfg: Config, **kw: object):
+    return pretrain(paired, out, cfg.model, cfg.pretrain, cfg.compute, cfg.seed, device=cfg.device, **kw)
 
 
 def test_pretrain_checkpoint_is_complete(world: dict[str, Path]) -> None:
@@ -131,10 +140,10 @@ def test_pretrain_checkpoint_is_complete(world: dict[str, Path]) -> None:
 def test_one_round_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
     bank = pd.read_parquet(world["bank"])
     r = _round(world, tmp_path, _config(batch_size=2, losses={"per": {"kind": "nlpd"}}))
-    assert r.student and r.teacher and r.log and r.partial is None
+    assert r.student and r.teacher and r.losses and r.partial is None
     assert r.n_samples == len(bank) and r.steps == r.total_steps == math.ceil(len(bank) / 2)
     assert r.switches.perceptual == "nlpd" and r.switches.preference and r.switches.cropped
-    log = pd.read_parquet(r.log)
+    log = pd.read_parquet(r.losses)
     assert list(log.columns) == LOG_SCHEMA.names and len(log) == r.steps
     for term in ("loss", "rec", "per", "pref_first", "pref_second", "pref_reg", "cropped", "reward_high"):
         assert np.isfinite(log[term]).all(), term
@@ -153,7 +162,7 @@ def test_one_round_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["plain_mt", "filter_mt"])
 def test_baselines_run(world: dict[str, Path], tmp_path: Path, method: str) -> None:
     r = _round(world, tmp_path, _config(method=method))
-    log = pd.read_parquet(r.log)
+    log = pd.read_parquet(r.losses)
     assert np.isfinite(log["rec"]).all()
     assert log[["pref_first", "cropped"]].isna().all().all()
     n_images = pd.read_parquet(world["bank"])["image_id"].nunique()
@@ -184,7 +193,7 @@ def test_resume_is_bit_exact(world: dict[str, Path], tmp_path: Path) -> None:
     assert rest.resumed_from == 1 and rest.steps == full.steps and not first.partial.exists()
     _states_equal(full.student, rest.student)
     _states_equal(full.teacher, rest.teacher)
-    a, b = pd.read_parquet(full.log), pd.read_parquet(rest.log)
+    a, b = pd.read_parquet(full.losses), pd.read_parquet(rest.losses)
     pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
 
 
@@ -200,9 +209,9 @@ def test_stale_partial_is_ignored(world: dict[str, Path], tmp_path: Path) -> Non
 def test_pretrain_resume_is_bit_exact(world: dict[str, Path], tmp_path: Path) -> None:
     cfg = _config()
     paired = world["root"] / "paired"
-    cut = pretrain(paired, tmp_path / "m.pt", cfg, stop_after=3)
+    cut = _pretrain(paired, tmp_path / "m.pt", cfg, stop_after=3)
     assert cut.model is None and cut.partial.is_file()
-    done = pretrain(paired, tmp_path / "m.pt", cfg)
+    done = _pretrain(paired, tmp_path / "m.pt", cfg)
     assert done.resumed_from == 3  # a stop writes the step checkpoint where it stopped
     _states_equal(world["model"], done.model)
 
@@ -221,7 +230,7 @@ def test_ddp_two_processes_match_one(world: dict[str, Path], tmp_path: Path) -> 
     assert worst < 1e-5, worst
     ta, tb = load_checkpoint(one.teacher), load_checkpoint(two.teacher)
     assert max((ta.model_state[k] - tb.model_state[k]).abs().max().item() for k in ta.model_state) < 1e-5
-    la, lb = pd.read_parquet(one.log), pd.read_parquet(two.log)
+    la, lb = pd.read_parquet(one.losses), pd.read_parquet(two.losses)
     assert np.allclose(la["loss"], lb["loss"], atol=1e-4)
 
 

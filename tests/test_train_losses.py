@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qtlib.config import ModelConfig, UNetConfig
-from qtlib.config.types import Losses, PerLoss, PrefLoss, TrainConfig
+from qtlib.config.types import CroppedLoss, Losses, PerLoss, PrefLoss, TrainConfig
 from qtlib.models import build_model
 from qtlib.train import (
     StepContext,
@@ -20,7 +20,7 @@ from qtlib.train import (
     resolve_switches,
     train_step,
 )
-from qtlib.train.data import Batch
+from qtlib.train.samples import Batch
 from qtlib.train.losses import (
     block_weight_map,
     crop_batch,
@@ -239,7 +239,8 @@ def test_block_weighting_switch_changes_rec() -> None:
 def test_start_steps_and_zero_weights() -> None:
     losses = Losses(pref=PrefLoss(start=5), per=PerLoss(weight=0.0))
     sw = replace(FULL, perceptual="nlpd")
-    assert active_terms(sw, losses, 4) == {"rec": True, "per": False, "pref": False, "cropped": True}
+    assert active_terms(sw, losses, 4) == {"rec": True, "per": False, "pref": False, "cropped": True,
+                                                "sup": False}
     assert active_terms(sw, losses, 5)["pref"]
     ctx, _ = _ctx(FULL, losses)
     assert math.isnan(train_step(ctx, _batch(), step=4).terms["pref_first"])
@@ -276,10 +277,41 @@ def test_resolve_switches_methods_and_exceptions() -> None:
 
 
 def test_determinism_switch_is_scoped() -> None:
-    from qtlib.train.runtime import determinism
+    from qtlib.train.compute import determinism
 
     before = torch.are_deterministic_algorithms_enabled()
     with determinism(not before) as state:
         assert state["deterministic_algorithms"] is (not before)
         assert torch.are_deterministic_algorithms_enabled() is (not before)
     assert torch.are_deterministic_algorithms_enabled() is before
+
+
+def test_supervised_anchor_runs_in_the_same_forward() -> None:
+    """train.losses.sup: the labeled pairs ride in the stacked call at the top level and add w * L1."""
+    from qtlib.config.types import SupLoss
+
+    losses = Losses(sup=SupLoss(weight=2.0))
+    sw = replace(FULL, supervised=True, preference=False, cropped=False)
+    ctx, rec = _ctx(sw, losses)
+    g = torch.Generator().manual_seed(3)
+    batch = replace(_batch(), sup_x=torch.rand(2, 3, 32, 32, generator=g), sup_y=torch.rand(2, 3, 32, 32, generator=g))
+    out = train_step(ctx, batch, step=0)
+    assert math.isfinite(out.terms["sup"]) and out.terms["sup"] > 0
+    assert len(rec.calls) == 1  # one forward for the batch and the pairs
+    assert out.terms["loss"] == pytest.approx(out.terms["rec"] + 2.0 * out.terms["sup"], rel=1e-5)
+    off = train_step(_ctx(replace(sw, supervised=False), losses)[0], batch, step=0)
+    assert math.isnan(off.terms["sup"])
+
+
+def test_l2_target_and_unit_rewards_change_the_second_term() -> None:
+    """L2 against the poorest or the best label; unit rewards divide rewards and S_tea by 10."""
+    base = Losses(pref=PrefLoss(weight=1.0, reg_weight=0.0), cropped=CroppedLoss(weight=0.0))
+    sw = replace(FULL, cropped=False)
+    batch = replace(_batch(), s_best=torch.full((3,), 9.0))
+    terms = {}
+    for name, pref in (("poorest", base.pref), ("best", replace(base.pref, l2_target="best")),
+                       ("unit", replace(base.pref, unit_rewards=True))):
+        terms[name] = train_step(_ctx(sw, replace(base, pref=pref))[0], batch, step=0).terms
+    assert terms["best"]["pref_second"] > terms["poorest"]["pref_second"]  # S_tea 9 > 3: harder to beat
+    # on [0, 1] the gap r_h - S_tea shrinks tenfold, so L2 moves toward -log sigmoid(0) = log 2
+    assert abs(terms["unit"]["pref_second"] - math.log(2)) < abs(terms["poorest"]["pref_second"] - math.log(2))

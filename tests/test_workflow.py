@@ -92,7 +92,7 @@ def test_tiny_dag_produces_every_artifact(run: Path) -> None:
     assert bank.groupby("image_id").size().max() <= 3
     metrics = pd.read_parquet(res / "eval/metrics.parquet")
     assert {"brisque", "piqe", "psnr", "ssim"} <= set(metrics.columns)
-    assert set(metrics["method"]) == {"degraded", "teacher", "student"}
+    assert set(metrics["method"]) == {"degraded", "pretrained", "teacher", "student"}
     for plot in ("controllability", "round_histograms", "drop_rates", "bank_mean_S", "examples"):
         assert (res / f"eval/plots/{plot}.png").stat().st_size > 1000
     assert "| method |" in (res / "eval/summary.md").read_text()

@@ -1,4 +1,4 @@
-"""``qt label`` and ``qt gate``: the pseudo-labeling and gating stages of one round."""
+"""``qt label``: the pseudo-labeling stage of one round (one shard)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from qtlib.cli.errors import UserError, user_config
+from qtlib.layout import ledger_in, label_store_in
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -29,14 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     label.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: config device")
     label.set_defaults(func=run_label)
 
-    gate = sub.add_parser("gate", help="dual-drop a round's ledger and update the top-k memory bank")
-    gate.add_argument("--round", dest="round_", type=int, required=True, help="round number r")
-    gate.add_argument("--ledger", nargs="+", required=True, type=Path, help="ledger shard files of round r")
-    gate.add_argument("--bank-prev", type=Path, default=None, help="bank.parquet of round r-1 (none for r=0)")
-    gate.add_argument("--out", required=True, type=Path, help="folder for gate.parquet and bank.parquet")
-    gate.add_argument("--config", default="config/config.yaml", help="YAML config (default: %(default)s)")
-    gate.set_defaults(func=run_gate_cmd)
-
 
 def run_label(args: argparse.Namespace) -> int:
     from qtlib.label import label_shard
@@ -46,24 +39,9 @@ def run_label(args: argparse.Namespace) -> int:
         if not p.exists():
             raise UserError(f"{p}: no such file or folder")
     k, n = args.shard
-    result = label_shard(args.teacher, args.images, k, n, args.out, args.round_, cfg.iqa, cfg.label,
+    result = label_shard(args.teacher, args.images, k, n, label_store_in(args.out, k), ledger_in(args.out, k),
+                         args.round_, cfg.iqa, cfg.label,
                          device=args.device or cfg.device)
     print(f"labeled {result.n_images} images ({result.n_rows} labels, {result.n_nan} with NaN scores) -> "
           f"{result.store}, {result.ledger}")
-    return 0
-
-
-def run_gate_cmd(args: argparse.Namespace) -> int:
-    from qtlib.gate import run_gate
-
-    cfg = user_config(args.config)
-    for p in [*args.ledger, *([args.bank_prev] if args.bank_prev else [])]:
-        if not p.is_file():
-            raise UserError(f"{p}: no such file")
-    try:
-        result = run_gate(args.ledger, args.bank_prev, cfg.gate, len(cfg.label.augmentations),
-                          args.out / "gate.parquet", args.out / "bank.parquet")
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    print(f"round {args.round_}: tau1={result.tau1:.4g} tau2={result.tau2:.4g} {result.counts}")
     return 0

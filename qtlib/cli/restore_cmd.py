@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from qtlib.cli.errors import UserError
-from qtlib.models import CheckpointError, load_model
-from qtlib.restore import restore_path
+from qtlib.models import CheckpointError
+from qtlib.restore import load_restorer, restore_path
 from qtlib.runtime import resolve_device
 
 
@@ -36,7 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "restore",
         help="restore an image or a folder of images with a checkpoint",
         description="Restore IN (an image or a folder, searched recursively) into OUT as PNGs with the same "
-        "relative names. Images larger than --tile are restored in overlapping tiles with blended seams.",
+        "relative names. Images larger than --tile are restored in overlapping tiles with blended seams. "
+        "With a student checkpoint (round_R/student.pt) the STUDENT weights are used by default: they are the "
+        "ones the score conditioning was trained on, so --score changes the output. The EMA teacher weights in "
+        "the same file trail the student (train.ema_decay, 0.998 by default): their score embedding, which starts "
+        "at zero, is a damped copy of the student's, so after short rounds their output barely changes with "
+        "--score. --ema selects them. A teacher.pt holds only EMA weights and "
+        "a pretrain model.pt only its model weights.",
     )
     parser.add_argument("input", metavar="IN", help="image file or folder")
     parser.add_argument("output", metavar="OUT", help="output folder (or a .png file when IN is a file)")
@@ -49,7 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlap", type=_non_negative, default=32, metavar="O",
                         help="tile overlap in pixels, blended (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive, default=1, help="tiles per forward pass (default: 1)")
-    parser.add_argument("--no-ema", action="store_true", help="use the student weights, not the EMA teacher's")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--ema", action="store_true",
+                         help="use the EMA teacher weights of a student checkpoint instead of its student weights "
+                         "(whose score conditioning was trained; the EMA copy may barely react to --score)")
+    weights.add_argument("--no-ema", dest="ema", action="store_false",
+                         help="use the student weights: the default, kept for old scripts")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -59,10 +70,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--overlap ({args.overlap}) must be smaller than --tile ({args.tile})")
     try:
         device = resolve_device(args.device)
-        model = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
-        result = restore_path(model, args.input, args.output, score=args.score, device=device, tile=args.tile,
+        restorer = load_restorer(args.checkpoint, ema=args.ema, device=device)
+        result = restore_path(restorer.model, args.input, args.output, score=args.score, device=device, tile=args.tile,
                               overlap=args.overlap, batch_size=args.batch_size, progress=not args.quiet)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
-    print(f"restored {len(result.outputs)} image(s) into {args.output} in {result.seconds:.1f} s")
+    score = f"score {args.score:g}" if restorer.conditioned else "not score-conditioned: --score has no effect"
+    print(f"restored {len(result.outputs)} image(s) into {args.output} in {result.seconds:.1f} s "
+          f"({restorer.weights} weights, {score})")
     return 0

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtlib.cli.errors import UserError, user_config
+from qtlib.util.atomic import atomic_path
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions: `qt --help` must be quick
     import pandas
@@ -132,14 +132,8 @@ def _print_table(frame: pandas.DataFrame, root: Path, members: list[str], grid: 
 
 
 def _write_parquet(frame: pandas.DataFrame, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def run(args: argparse.Namespace) -> int:

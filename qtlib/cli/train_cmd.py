@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--out-student", required=True, type=Path, help="student checkpoint to write")
     tr.add_argument("--out-teacher", required=True, type=Path, help="teacher (EMA) checkpoint to write")
     tr.add_argument("--log", required=True, type=Path, help="per-step loss log to write (Parquet)")
+    tr.add_argument("--paired", type=Path, default=None,
+                    help="prepared paired folder, for the supervised anchor (train.losses.sup.weight > 0)")
     _add_resume(tr, "OUT_STUDENT")
     tr.set_defaults(func=run_train)
 
@@ -64,8 +66,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     cfg, resume = _setup(args)
     try:
-        r = pretrain(args.paired, args.out, cfg, log=args.log, resume=resume, device=args.device,
-                     stop_after=args.stop_after)
+        r = pretrain(args.paired, args.out, cfg.model, cfg.pretrain, cfg.compute, cfg.seed, losses=args.log,
+                     resume=resume, device=args.device or cfg.device, stop_after=args.stop_after)
     except _user_errors() as exc:
         raise UserError(str(exc)) from exc
     where = r.model if r.model else f"{r.partial} (stopped, resume with the same command)"
@@ -75,16 +77,17 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from qtlib.train import train_one_round
+    from qtlib.train import RoundPaths, train_one_round
 
     cfg, resume = _setup(args)
     try:
-        r = train_one_round(cfg, args.round_, args.teacher, args.student, args.bank, args.images, args.results_dir,
-                            args.out_student, args.out_teacher, args.log, resume=resume, device=args.device,
-                            stop_after=args.stop_after)
+        paths = RoundPaths(args.teacher, args.student, args.bank, args.images, args.results_dir,
+                           args.out_student, args.out_teacher, args.log, args.paired)
+        r = train_one_round(paths, args.round_, cfg.train, cfg.iqa, cfg.compute, cfg.seed, resume=resume,
+                            device=args.device or cfg.device, stop_after=args.stop_after)
     except _user_errors() as exc:
         raise UserError(str(exc)) from exc
-    where = f"{r.student}, {r.teacher}, {r.log}" if r.student else f"{r.partial} (stopped, resume with the same command)"
+    where = f"{r.student}, {r.teacher}, {r.losses}" if r.student else f"{r.partial} (stopped, resume with the same command)"
     print(f"train round {args.round_}: {r.steps}/{r.total_steps} steps over {r.n_samples} samples, "
           f"method {r.switches.method}, perceptual {r.switches.perceptual} -> {where}")
     return 0

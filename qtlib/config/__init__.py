@@ -11,6 +11,7 @@ from qtlib.config.loader import (
     validate,
 )
 from qtlib.config.types import (
+    ComputeConfig,
     Config,
     ConditioningConfig,
     DataConfig,
@@ -30,7 +31,7 @@ from qtlib.config.types import (
 )
 
 __all__ = [
-    "Config", "ConditioningConfig", "ConfigError", "DataConfig", "DegradeConfig", "DemoConfig",
+    "ComputeConfig", "Config", "ConditioningConfig", "ConfigError", "DataConfig", "DegradeConfig", "DemoConfig",
     "EvaluateConfig", "GateConfig", "IQAConfig", "LabelConfig", "Member", "ModelConfig",
     "NAFNetConfig", "PretrainConfig", "Recipe", "TrainConfig", "UNetConfig",
     "canonical_json", "config_from_dict", "deep_merge", "load_config", "load_schema", "to_dict", "validate",

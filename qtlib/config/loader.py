@@ -163,7 +163,32 @@ def _build(tp: Any, value: Any) -> Any:
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Validate a mapping (defaults filled) and return the typed :class:`Config`."""
-    return _build(Config, validate(data, source))
+    cfg = _build(Config, validate(data, source))
+    check_budget(cfg, source)
+    return cfg
+
+
+def check_budget(cfg: Config, source: str = "config") -> None:
+    """With an iteration budget (``train.steps``), every enabled loss term must start inside it.
+
+    A term whose ``start`` lies at or beyond ``rounds x train.steps`` would silently never
+    run (the paper's 2000-step starts with a small bank, for instance).
+
+    Raises:
+        ConfigError: naming the term, its start and the budget.
+    """
+    tc = cfg.train
+    if tc.steps == 0:
+        return
+    budget = cfg.rounds * tc.steps
+    enabled = {"rec": True, "per": True, "pref": tc.preference, "cropped": tc.cropped, "sup": True}
+    for name, on in enabled.items():
+        term = getattr(tc.losses, name)
+        if on and term.weight > 0 and term.start >= budget:
+            raise ConfigError(
+                f"{source}: train.losses.{name}.start: {term.start} lies beyond the iteration budget "
+                f"(rounds {cfg.rounds} x train.steps {tc.steps} = {budget} steps), so the term would never run; "
+                f"lower the start, raise train.steps or rounds, or set its weight to 0")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

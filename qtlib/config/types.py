@@ -18,6 +18,12 @@ Augmentation = Literal["identity", "hflip", "vflip", "rot90"]
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    deterministic: bool = True
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
 class DataConfig:
     size: int = 192
     min_size: int = 32
@@ -157,6 +163,8 @@ class PrefLoss:
     second_weight: float = 0.5
     reg_weight: float = 1.0
     low_levels: tuple[float, ...] = (4.0, 5.0, 6.0)
+    l2_target: Literal["poorest", "best"] = "poorest"
+    unit_rewards: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,17 +175,27 @@ class CroppedLoss:
 
 
 @dataclass(frozen=True)
+class SupLoss:
+    weight: float = 0.0
+    per_weight: float = 0.0
+    start: int = 0
+    batch_size: int = 0
+
+
+@dataclass(frozen=True)
 class Losses:
     rec: RecLoss = RecLoss()
     per: PerLoss = PerLoss()
     pref: PrefLoss = PrefLoss()
     cropped: CroppedLoss = CroppedLoss()
+    sup: SupLoss = SupLoss()
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     method: Literal["qualiteacher", "plain_mt", "filter_mt"] = "qualiteacher"
     epochs: int = 1
+    steps: int = 0
     batch_size: int = 4
     patch_size: int = 96
     lr: float = 1e-4
@@ -185,8 +203,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.998
     gpus: int = 1
-    bf16: bool = False
-    deterministic: bool = True
     checkpoint_every: int = 50
     score_condition: bool = True
     preference: bool = True
@@ -207,6 +223,7 @@ class Config:
     seed: int = 0
     rounds: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compute: ComputeConfig = ComputeConfig()
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
     degrade: DegradeConfig = DegradeConfig()

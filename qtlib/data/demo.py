@@ -28,7 +28,7 @@ from PIL import Image
 
 from qtlib.config.types import DegradeConfig, DemoConfig, Recipe
 from qtlib.data.degradations import degrade_seeded, derive_seed, get_recipe, recipe_record, versions
-from qtlib.data.store import commit_path, partial_path, remove_path, write_json
+from qtlib.data.store import commit_path, staging_path, remove_path, write_json
 from qtlib.imageio import to_tensor, write_image
 
 SETS = ("paired", "unlabeled", "test")
@@ -265,7 +265,7 @@ def make_demo_data(out_dir: str | Path, demo: DemoConfig, recipes: Mapping[str, 
         for name in SETS
     ]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(out_dir)
+    tmp = staging_path(out_dir)
     remove_path(tmp)
     try:
         with _single_thread():

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from qtlib.config.types import DataConfig
 from qtlib.data.decode import Decoded, decode_image, fit_square
-from qtlib.data.store import StoreWriter, commit_path, partial_path, remove_path, write_parquet
+from qtlib.data.store import StoreWriter, commit_path, staging_path, remove_path, write_parquet
 from qtlib.imageio import IMAGE_EXTENSIONS, list_images
 
 MANIFEST_SCHEMA = pa.schema(
@@ -192,12 +192,12 @@ def prepare_images(in_dir: str | Path, out_dir: str | Path, cfg: DataConfig) -> 
             raise NoUsableImagesError(_empty_message(in_dir, rows))
         _flag_duplicates(rows)
         writer.close(_store_attributes(cfg, "manifest.parquet"))
-        write_parquet(partial_path(manifest), rows, MANIFEST_SCHEMA)
+        write_parquet(staging_path(manifest), rows, MANIFEST_SCHEMA)
         commit_path(writer.tmp, store)
-        commit_path(partial_path(manifest), manifest)
+        commit_path(staging_path(manifest), manifest)
     finally:
         writer.abort()
-        remove_path(partial_path(manifest))
+        remove_path(staging_path(manifest))
     counts = dict(sorted(Counter(row["status"] for row in rows).items()))
     n_ok = counts.get("ok", 0)
     return PrepareResult(n_ok, len(rows) - n_ok, store, manifest, counts)
@@ -324,16 +324,16 @@ def prepare_paired(
         _flag_duplicates(rows)
         for writer in writers.values():
             writer.close(_store_attributes(cfg, "manifest.parquet"))
-        write_parquet(partial_path(manifest), rows, PAIRED_SCHEMA)
+        write_parquet(staging_path(manifest), rows, PAIRED_SCHEMA)
         for name, writer in writers.items():
             commit_path(writer.tmp, paths[name])
         if not has_clean:
             remove_path(paths["clean"])
-        commit_path(partial_path(manifest), manifest)
+        commit_path(staging_path(manifest), manifest)
     finally:
         for writer in writers.values():
             writer.abort()
-        remove_path(partial_path(manifest))
+        remove_path(staging_path(manifest))
     counts = dict(sorted(Counter(row["status"] for row in rows).items()))
     n_ok = counts.get("ok", 0)
     clean_store = paths["clean"] if has_clean else None

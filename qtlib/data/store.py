@@ -10,8 +10,6 @@ never leaves a half store and never destroys a good store from an earlier run.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,46 +20,34 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from qtlib.util.atomic import atomic_write_text, commit_file, remove_path, replace_dir
+from qtlib.util.checks import check_shape
+
 # Chunk keys spelled out so that dropping the rows past the end after a resize is a known path.
 _CHUNK_KEYS = {"name": "default", "separator": "/"}
 
 
-def partial_path(path: Path) -> Path:
+def staging_path(path: Path) -> Path:
     """The hidden temp sibling a writer builds ``path`` in."""
     return path.with_name(f".{path.name}.partial")
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file or folder if it exists."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def commit_path(tmp: Path, final: Path) -> None:
     """Move a finished ``tmp`` (file or folder) onto ``final``, replacing what was there.
 
-    Files use one ``os.replace``. A folder cannot replace a non-empty folder in one
-    rename, so the old one is first renamed aside (``.NAME.old``), then removed:
-    at every moment either the old or the new complete folder exists.
+    Files are committed with :func:`qtlib.util.atomic.commit_file` (fsync, one
+    ``os.replace``); folders with :func:`qtlib.util.atomic.replace_dir` (the old
+    folder is renamed aside first, so either the old or the new one always exists).
     """
     if tmp.is_file():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".{final.name}.old")
-    remove_path(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    remove_path(old)
+        commit_file(tmp, final)
+    else:
+        replace_dir(tmp, final)
 
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (temp name + ``os.replace``)."""
-    tmp = partial_path(path)
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=False) + "\n")
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
@@ -81,7 +67,7 @@ class StoreWriter:
 
     def __init__(self, final: Path, capacity: int, size: int) -> None:
         self.final = final
-        self.tmp = partial_path(final)
+        self.tmp = staging_path(final)
         remove_path(self.tmp)  # only a crashed earlier run leaves one behind
         self.size = size
         self.ids: list[str] = []
@@ -97,8 +83,9 @@ class StoreWriter:
 
     def append(self, image_id: str, image: np.ndarray) -> int:
         """Write one ``(S, S, 3)`` uint8 image as the next row; return its row index."""
-        if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
-            raise ValueError(f"image: expected ({self.size}, {self.size}, 3) uint8, got {image.shape} {image.dtype}")
+        check_shape(image, [self.size, self.size, 3], "image")
+        if image.dtype != np.uint8:
+            raise ValueError(f"image: expected uint8, got {image.dtype}")
         index = len(self.ids)
         self._array[index] = np.ascontiguousarray(image.transpose(2, 0, 1))
         self.ids.append(image_id)
@@ -142,8 +129,9 @@ class ImageStore:
             raise FileNotFoundError(f"{self.path}: no image store here (run qt prepare first)")
         self._array = zarr.open_array(str(self.path), mode="r")
         shape = self._array.shape
-        if len(shape) != 4 or shape[1] != 3 or self._array.dtype != np.uint8:
-            raise ValueError(f"{self.path}: expected an N x 3 x H x W uint8 array, got {shape} {self._array.dtype}")
+        check_shape(self._array, ["N", 3, "H", "W"], str(self.path))
+        if self._array.dtype != np.uint8:
+            raise ValueError(f"{self.path}: expected a uint8 array, got {self._array.dtype}")
         self.ids: tuple[str, ...] = tuple(self._array.attrs.get("ids", ()))
         if len(self.ids) != shape[0]:
             raise ValueError(f"{self.path}: {len(self.ids)} ids recorded for {shape[0]} rows")

@@ -21,6 +21,7 @@ from torch import Tensor
 from qtlib.config.types import IQAConfig
 from qtlib.iqa.catalog import MetricInfo, get_info, normalize
 from qtlib.iqa.factory import create_metric
+from qtlib.util.checks import check_image
 
 
 @dataclass(frozen=True)
@@ -54,17 +55,13 @@ class BlockScores:
 
 
 def check_images(images: Tensor, name: str = "images") -> None:
-    """Raise ``ValueError`` unless ``images`` is a float ``(B, 3, H, W)`` tensor in [0, 1]."""
-    if not torch.is_tensor(images):
-        raise TypeError(f"{name}: expected a Tensor, got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name}: expected shape (B, 3, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name}: expected a floating point tensor in [0, 1], got {images.dtype}")
-    if images.numel() and (images.min() < -1e-6 or images.max() > 1 + 1e-6):
-        raise ValueError(
-            f"{name}: values must be in [0, 1], got [{images.min().item():.4f}, {images.max().item():.4f}]"
-        )
+    """Raise unless ``images`` is a float ``(B, 3, H, W)`` tensor in [0, 1] (:func:`qtlib.util.checks.check_image`).
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: wrong shape, non-float dtype, or values outside [0, 1].
+    """
+    check_image(images, name, channels=3, value_range=(0.0, 1.0))
 
 
 def split_blocks(images: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -26,6 +26,7 @@ from qtlib.iqa.ensemble import (
     renormalized,
 )
 from qtlib.iqa.factory import create_metric
+from qtlib.util.checks import check_shape
 
 _log = logging.getLogger(__name__)
 _logged_exclusions: set[tuple[str, ...]] = set()
@@ -88,8 +89,8 @@ class Reward(nn.Module):
 
     def scores(self, images: Tensor) -> EnsembleScores:
         """Raw, normalized and ensemble scores, all differentiable w.r.t. ``images``."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images: expected shape (B, 3, H, W), got {tuple(images.shape)}")
+        # Shape only: restorations being trained may overshoot [0, 1] and must still get a gradient.
+        check_shape(images, ["B", 3, "H", "W"], "images")
         n = images.shape[0]
         raw = {m: per_image(metric(images), n, m) for m, metric in self.metrics.items()}
         normalized = {m: normalize(m, v) for m, v in raw.items()}

@@ -19,7 +19,6 @@ file that does not reproduce the published values is never installed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from qtlib.imageio import read_image
 from qtlib.iqa.calibration import PUBLISHED, TOLERANCE, calibration_images
 from qtlib.iqa.catalog import CATALOG, get_info, pyiqa_cache_dir
 from qtlib.iqa.factory import create_metric
+from qtlib.util.atomic import atomic_path
 
 
 class PrepareError(RuntimeError):
@@ -227,10 +227,8 @@ def _read_member(archive: Path, member: str) -> bytes:
 
 def _install(built: Path, target: Path) -> None:
     """Copy into the cache under a temporary name, then rename (atomic on one filesystem)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.copyfile(built, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(built, tmp)
 
 
 def prepare(

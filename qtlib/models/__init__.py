@@ -24,11 +24,12 @@ from qtlib.models.conditioning import (
     sinusoidal_encoding,
 )
 from qtlib.models.ema import EMA
+from qtlib.models.restorer import Restorer, Score
 from qtlib.models.nafnet import NAFNet
 from qtlib.models.unet import UNet
 
 __all__ = [
     "BACKBONES", "CHECKPOINT_KINDS", "EMA", "Checkpoint", "CheckpointError", "DiscreteEmbedding", "NAFNet",
-    "ScoreConditioned", "SinusoidalEmbedding", "UNet", "build_backbone", "build_model", "capture_rng_state",
+    "Restorer", "Score", "ScoreConditioned", "SinusoidalEmbedding", "UNet", "build_backbone", "build_model", "capture_rng_state",
     "load_checkpoint", "load_model", "restore_rng_state", "save_checkpoint", "sinusoidal_encoding", "size_multiple",
 ]

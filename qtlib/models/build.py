@@ -15,24 +15,28 @@ from torch import nn
 from qtlib.config.types import ModelConfig
 from qtlib.models.conditioning import HasSizeMultiple, ScoreConditioned
 from qtlib.models.nafnet import NAFNet
+from qtlib.models.restorer import Restorer
 from qtlib.models.unet import UNet
 
 #: backbone name -> function building the bare backbone from the model config.
-BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {
+BACKBONES: dict[str, Callable[[ModelConfig], Restorer]] = {
     "unet": lambda cfg: UNet(cfg.unet),
     "nafnet": lambda cfg: NAFNet(cfg.nafnet),
 }
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
+def build_backbone(cfg: ModelConfig) -> Restorer:
     """The bare backbone named by ``cfg.backbone``."""
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"model.backbone: got {cfg.backbone!r}, expected one of {', '.join(BACKBONES)}")
     return BACKBONES[cfg.backbone](cfg)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The backbone, wrapped in :class:`ScoreConditioned` when ``cfg.conditioning.enabled``."""
+def build_model(cfg: ModelConfig) -> Restorer:
+    """The backbone, wrapped in :class:`ScoreConditioned` when ``cfg.conditioning.enabled``.
+
+    Either way the result is called ``model(x, score=None)`` (:class:`Restorer`).
+    """
     backbone = build_backbone(cfg)
     if cfg.conditioning.enabled:
         return ScoreConditioned(backbone, cfg.conditioning)

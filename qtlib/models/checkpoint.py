@@ -12,10 +12,8 @@ same rule up front so every saved file can be read back.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from qtlib import __version__
 from qtlib.config.loader import ConfigError, config_from_dict, to_dict
 from qtlib.config.types import ModelConfig
 from qtlib.models.build import build_model
+from qtlib.util.atomic import atomic_path
 
 CHECKPOINT_KINDS = ("pretrain", "student", "teacher", "train-state")
 FORMAT = "qtlib-checkpoint"
@@ -93,17 +92,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     path = Path(path)
     payload = _to_payload(ckpt)
     _check_plain(payload, "checkpoint", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from qtlib.config.types import ConditioningConfig
-
-Score = torch.Tensor | float | int | None
+from qtlib.models.restorer import Restorer, Score
+from qtlib.util.checks import check_shape
 
 
 @runtime_checkable
@@ -156,13 +156,11 @@ def _add_embedding(
 ) -> torch.Tensor:
     """Forward hook: ``output + emb`` broadcast over space (eq. 7); records that it ran in ``fired``."""
     fired.append(name)
-    if not isinstance(output, torch.Tensor) or output.ndim != 4 or output.shape[:2] != emb.shape:
-        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise ValueError(f"injection '{name}': expected an output of shape {tuple(emb.shape)} + (H, W), got {got}")
+    check_shape(output, [*emb.shape, "H", "W"], f"injection '{name}' output")
     return output + emb.to(output.dtype)[:, :, None, None]
 
 
-class ScoreConditioned(nn.Module):
+class ScoreConditioned(Restorer):
     """Any backbone, conditioned on a quality score at named injection points.
 
     Args:
@@ -190,6 +188,15 @@ class ScoreConditioned(nn.Module):
         else:
             raise ValueError(f"cfg.embedding: expected 'sinusoidal' or 'discrete', got {cfg.embedding!r}")
         self.size_multiple = backbone.size_multiple if isinstance(backbone, HasSizeMultiple) else 1
+
+    conditioned = True
+
+    @property
+    def top_score(self) -> float:  # type: ignore[override]
+        return float(self.cfg.top_score)
+
+    def unconditioned(self) -> nn.Module:
+        return self.backbone
 
     def embed(self, score: Score, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         """The (B, C_i) embedding for each injection point name."""

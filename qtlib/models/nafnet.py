@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qtlib.config.types import NAFNetConfig
+from qtlib.models.restorer import Restorer, Score
 from qtlib.models.padding import check_image_batch, crop_to, pad_to_multiple
 
 
@@ -77,7 +78,7 @@ def _stage(channels: int, blocks: int) -> nn.Sequential:
     return nn.Sequential(*(NAFBlock(channels) for _ in range(blocks)))
 
 
-class NAFNet(nn.Module):
+class NAFNet(Restorer):
     """NAFNet encoder/decoder.
 
     Injection points: ``bottleneck`` (the middle blocks, ``width * 2**len(enc_blocks)``
@@ -122,7 +123,8 @@ class NAFNet(nn.Module):
         self.injection_channels.update({f"encoders.{i}": chans[i] for i in range(n)})
         self.injection_channels.update({f"decoders.{j}": chans[i] for j, i in enumerate(levels)})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, score: Score = None) -> torch.Tensor:
+        """Restore ``x``; ``score`` is accepted and ignored (an unconditioned model, see :class:`Restorer`)."""
         check_image_batch(x, self.cfg.in_channels)
         h, w = x.shape[-2:]
         inp = pad_to_multiple(x, self.size_multiple)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qtlib.util.checks import check_image
+
 
 def check_image_batch(x: torch.Tensor, channels: int, name: str = "x") -> None:
-    """Raise ``ValueError`` unless ``x`` is a float ``(B, channels, H, W)`` tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 4 or x.shape[1] != channels:
-        raise ValueError(f"{name}: expected shape (B, {channels}, H, W), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating point tensor, got {x.dtype}")
+    """Raise unless ``x`` is a float ``(B, channels, H, W)`` tensor (:func:`qtlib.util.checks.check_image`).
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        ValueError: wrong shape or a non-float dtype.
+    """
+    check_image(x, name, channels=channels)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtlib.config.types import UNetConfig
+from qtlib.models.restorer import Restorer, Score
 from qtlib.models.padding import check_image_batch, crop_to, pad_to_multiple
 
 
@@ -31,7 +32,7 @@ class ConvBlock(nn.Sequential):
         self.out_channels = out_channels
 
 
-class UNet(nn.Module):
+class UNet(Restorer):
     """U-Net with ``depth`` poolings and ``width`` channels at full resolution.
 
     Injection points (module names, for score conditioning): ``bottleneck``
@@ -67,7 +68,8 @@ class UNet(nn.Module):
         self.injection_channels.update({f"encoders.{i}": chans[i] for i in range(cfg.depth)})
         self.injection_channels.update({f"decoders.{j}": chans[i] for j, i in enumerate(levels)})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, score: Score = None) -> torch.Tensor:
+        """Restore ``x``; ``score`` is accepted and ignored (an unconditioned model, see :class:`Restorer`)."""
         check_image_batch(x, self.cfg.in_channels)
         h, w = x.shape[-2:]
         inp = pad_to_multiple(x, self.size_multiple)

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from qtlib.config.types import IQAConfig, Losses, TrainConfig
-from qtlib.models import ScoreConditioned
-from qtlib.train.data import Batch
+from qtlib.models import Restorer
+from qtlib.train.samples import Batch
 from qtlib.train.losses import (
     crop_batch,
     cropped_consistency,
@@ -37,15 +37,16 @@ from qtlib.train.losses import (
     preference_terms,
     weighted_l1,
 )
-from qtlib.train.perceptual import resolve_perceptual
-from qtlib.train.runtime import autocast
+from qtlib.train.perceptual import build_perceptual, resolve_perceptual
+from qtlib.train.compute import autocast
 
 _log = logging.getLogger(__name__)
 
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
 """(B, 3, H, W) images in [0, 1] -> (B,) differentiable quality on the 0..10 scale."""
 
-TERMS = ("loss", "rec", "per", "pref_first", "pref_second", "pref_reg", "cropped", "reward_high", "reward_low")
+TERMS = ("loss", "rec", "per", "pref_first", "pref_second", "pref_reg", "cropped", "reward_high", "reward_low",
+         "sup")
 """Names of the logged terms of a step (unweighted batch means; NaN when off)."""
 
 
@@ -67,6 +68,8 @@ class Switches:
     perceptual: str
     preference: bool
     cropped: bool
+    supervised: bool = False
+    """The supervised anchor on labeled pairs (``train.losses.sup``), for every method."""
 
     @property
     def needs_reward(self) -> bool:
@@ -83,7 +86,7 @@ def resolve_switches(cfg: TrainConfig, conditioned: bool, perceptual: str | None
 
     Args:
         cfg: the train section.
-        conditioned: the student is a :class:`~qtlib.models.ScoreConditioned` model.
+        conditioned: the student is score-conditioned (``model.conditioned``).
         perceptual: the resolved perceptual kind (default: resolve ``cfg.losses.per.kind`` now).
 
     Raises:
@@ -92,9 +95,10 @@ def resolve_switches(cfg: TrainConfig, conditioned: bool, perceptual: str | None
     """
     losses = cfg.losses
     per = perceptual if perceptual is not None else resolve_perceptual(losses.per.kind, cfg.patch_size)
-    per = per if losses.per.weight > 0 else "none"
+    per = per if losses.per.weight > 0 or losses.sup.per_weight > 0 else "none"
+    sup = losses.sup.weight > 0
     if cfg.method != "qualiteacher":
-        return Switches(cfg.method, False, False, per, False, False)
+        return Switches(cfg.method, False, False, per, False, False, sup)
     pref = cfg.preference and losses.pref.weight > 0
     if cfg.score_condition and not conditioned:
         raise ValueError("train.score_condition: the student has no score conditioning "
@@ -103,7 +107,7 @@ def resolve_switches(cfg: TrainConfig, conditioned: bool, perceptual: str | None
         raise ValueError("train.preference needs train.score_condition: y_h and y_l are the student at two "
                          "score conditions")
     return Switches("qualiteacher", cfg.score_condition, losses.rec.block_weighting, per, pref,
-                    cfg.cropped and losses.cropped.weight > 0)
+                    cfg.cropped and losses.cropped.weight > 0, sup)
 
 
 def crop_side(patch: int, fraction: float) -> int:
@@ -115,7 +119,7 @@ class StudentPasses(nn.Module):
     """Every student forward of a step in one call, so DDP sees one forward per backward.
 
     Args:
-        student: the student (a :class:`~qtlib.models.ScoreConditioned` model or a bare backbone).
+        student: the student (any built model: ``student(x, score)``).
 
     Shape:
         - x: (N, 3, P, P), score: (N,) or None; crops: (B, 3, c, c), crop_score: (B,) or None.
@@ -126,16 +130,11 @@ class StudentPasses(nn.Module):
         super().__init__()
         self.student = student
 
-    def run(self, x: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(self.student, ScoreConditioned):
-            return self.student(x, score)
-        return self.student(x)
-
     def forward(
         self, x: torch.Tensor, score: torch.Tensor | None, crops: torch.Tensor | None = None,
         crop_score: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.run(x, score), (self.run(crops, crop_score) if crops is not None else None)
+        return self.student(x, score), (self.student(crops, crop_score) if crops is not None else None)
 
 
 @dataclass
@@ -177,15 +176,15 @@ def active_terms(sw: Switches, losses: Losses, step: int) -> dict[str, bool]:
     return {
         "rec": _on(True, losses.rec.weight, losses.rec.start, step),
         "per": _on(sw.perceptual != "none", losses.per.weight, losses.per.start, step),
+        "sup": _on(sw.supervised, losses.sup.weight, losses.sup.start, step),
         "pref": _on(sw.preference, losses.pref.weight, losses.pref.start, step),
         "cropped": _on(sw.cropped, losses.cropped.weight, losses.cropped.start, step),
     }
 
 
 def _student_outputs(ctx: StepContext, batch: Batch, on: dict[str, bool]):
-    """Run the stacked passes; return y, y_h, y_l, f(crop(x)) (None where not needed)."""
+    """Run the stacked passes; return y, y_h, y_l, f(crop(x)), y_sup (None where not needed)."""
     x, b = batch.x, batch.x.shape[0]
-    conditioned = isinstance(ctx.student, ScoreConditioned)
     top = torch.full((b,), ctx.top_score, device=ctx.device)
     cond = batch.cond if ctx.switches.score_condition else top
     need_top = on["pref"] or on["cropped"]
@@ -194,15 +193,20 @@ def _student_outputs(ctx: StepContext, batch: Batch, on: dict[str, bool]):
     if on["pref"]:
         xs.append(x)
         scores.append(batch.low)
+    n_sup = batch.sup_x.shape[0] if on["sup"] and batch.sup_x is not None else 0
+    if n_sup:  # the labeled pairs, at the top level (what inference uses)
+        xs.append(batch.sup_x)
+        scores.append(torch.full((n_sup,), ctx.top_score, device=ctx.device))
     crops = crop_batch(x, batch.crop_yx, ctx.crop) if on["cropped"] else None
     with autocast(ctx.device, ctx.bf16):
-        out, out_crop = ctx.passes(torch.cat(xs), torch.cat(scores) if conditioned else None, crops,
-                                   top if conditioned and crops is not None else None)
+        out, out_crop = ctx.passes(torch.cat(xs), torch.cat(scores), crops,
+                                   top if crops is not None else None)
     out = out.float()
     y = out[:b]
     y_h = y.index_copy(0, redo, out[b:b + len(redo)]) if need_top else None
-    y_l = out[b + len(redo):] if on["pref"] else None
-    return y, y_h, y_l, (out_crop.float() if out_crop is not None else None)
+    y_l = out[b + len(redo):b + len(redo) + b] if on["pref"] else None
+    y_sup = out[out.shape[0] - n_sup:] if n_sup else None
+    return y, y_h, y_l, (out_crop.float() if out_crop is not None else None), y_sup
 
 
 def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
@@ -213,10 +217,10 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
         batch: this rank's batch (moved to ``ctx.device`` here).
         step: the global step (over all rounds), which decides the terms that are on.
     """
-    batch = Batch(**{k: v.to(ctx.device) for k, v in vars(batch).items()})
+    batch = Batch(**{k: (v.to(ctx.device) if v is not None else None) for k, v in vars(batch).items()})
     on = active_terms(ctx.switches, ctx.losses, step)
     lc = ctx.losses
-    y, y_h, y_l, y_crop = _student_outputs(ctx, batch, on)
+    y, y_h, y_l, y_crop, y_sup = _student_outputs(ctx, batch, on)
     terms = dict.fromkeys(TERMS, math.nan)
     total = y.sum() * 0.0  # keeps the graph (and DDP's hooks) when no term is on yet
     if on["rec"]:
@@ -230,7 +234,9 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
     if on["pref"]:
         r = ctx.reward(torch.cat([y_h, y_l]).clamp(0, 1)).float()
         r_h, r_l = r.chunk(2)
-        pt = preference_terms(r_h, r_l, batch.s_poor, lc.pref.beta, lc.pref.delta)
+        s_tea = batch.s_best if lc.pref.l2_target == "best" else batch.s_poor
+        unit = 0.1 if lc.pref.unit_rewards else 1.0  # [0, 1] rewards: delta is a fraction of the range
+        pt = preference_terms(r_h * unit, r_l * unit, s_tea * unit, lc.pref.beta, lc.pref.delta)
         reg = injection_reg(ctx.student.injection_parameters(), ctx.init_params)
         total = total + lc.pref.weight * (pt.first + lc.pref.second_weight * pt.second + lc.pref.reg_weight * reg)
         terms.update(pref_first=pt.first.item(), pref_second=pt.second.item(), pref_reg=reg.item(),
@@ -240,11 +246,61 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
         cc = cropped_consistency(*r.chunk(2))
         total = total + lc.cropped.weight * cc
         terms["cropped"] = cc.item()
+    if y_sup is not None:
+        total, terms["sup"] = _supervised(ctx, y_sup, batch.sup_y, total)
     ctx.optimizer.zero_grad(set_to_none=True)
     total.backward()
     ctx.optimizer.step()
     terms["loss"] = total.item()
     return StepOutput(total.detach(), terms)
+
+
+def build_step_context(
+    student: Restorer,
+    optimizer: torch.optim.Optimizer,
+    train: TrainConfig,
+    iqa: IQAConfig,
+    device: torch.device,
+    *,
+    top_score: float,
+    bf16: bool = False,
+    passes: nn.Module | None = None,
+    reward: RewardFn | None = None,
+    perceptual: str | None = None,
+) -> StepContext:
+    """The :class:`StepContext` of a round (or a benchmark): switches, rewards, perceptual loss, W_init.
+
+    Args:
+        student: the student (``student(x, score)``; ``student.conditioned`` decides what may be on).
+        optimizer: its optimizer.
+        train, iqa: the ``train`` and ``iqa`` sections.
+        device: where the step runs.
+        top_score: the merged top condition level (``model.conditioning.top_score``).
+        bf16: autocast the student passes (``compute.bf16``).
+        passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one).
+        reward: one reward function for both reward terms (default: the IQA ensemble, built only when
+            a reward term is on: one for patch-sized, one for crop-sized images).
+        perceptual: the resolved perceptual kind (default: resolve ``train.losses.per.kind`` now).
+    """
+    sw = resolve_switches(train, student.conditioned, perceptual)
+    crop = crop_side(train.patch_size, train.losses.cropped.fraction)
+    full_reward = reward if reward is not None else (
+        build_reward(iqa, train.patch_size, device) if sw.preference else None)
+    crop_reward = reward if reward is not None else (build_reward(iqa, crop, device) if sw.cropped else None)
+    # W_init of L_reg: the injection weights when the context is built (empty when unconditioned)
+    init_params = [p.detach().clone() for p in student.injection_parameters()]
+    return StepContext(passes if passes is not None else StudentPasses(student), student, optimizer, sw,
+                       train.losses, top_score, crop, full_reward, crop_reward,
+                       build_perceptual(sw.perceptual, device), init_params, device, bf16)
+
+
+def _supervised(ctx: StepContext, y: torch.Tensor, gt: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The supervised anchor on labeled pairs: ``w (L1 + per_weight L_per)``; returns (total, unweighted term)."""
+    sc = ctx.losses.sup
+    term = weighted_l1(y, gt)
+    if sc.per_weight > 0 and ctx.perceptual is not None:
+        term = term + sc.per_weight * ctx.perceptual(y.clamp(0, 1), gt).mean()
+    return total + sc.weight * term, term.item()
 
 
 def reward_config(iqa: IQAConfig, side: int) -> IQAConfig:

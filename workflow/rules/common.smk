@@ -1,13 +1,13 @@
 # Input functions, paths, config slices and wildcard constraints shared by all rules.
-import json
-
+# Every path comes from qtlib.layout.Layout: the one definition of the results layout.
 from qtlib.config import canonical_json, config_from_dict
+from qtlib.layout import Layout
 
 CFG = config_from_dict(config, source="snakemake config")
-RES = CFG.results_dir.rstrip("/")
+L = Layout(CFG.results_dir)
+RES = str(L.root)
 R = CFG.rounds
 K = CFG.label.shards
-DATA = f"{RES}/data"
 
 
 wildcard_constraints:
@@ -27,34 +27,32 @@ def use_demo():
 def source_dir(kind):
     """Folder of raw images for paired / unlabeled / test: the user's, or the generated demo."""
     given = getattr(CFG.data, kind)
-    return given if given else f"{DATA}/demo/{kind}"
+    return given if given else str(L.demo_split(kind))
 
 
 def teacher_of(wildcards):
     """Round r labels with the teacher of round r-1; round 0 with the pretrained model."""
-    r = int(wildcards.r)
-    return f"{RES}/pretrain/model.pt" if r == 0 else f"{RES}/round_{r - 1}/teacher.pt"
+    return str(L.teacher_of(int(wildcards.r)))
 
 
 def student_of(wildcards):
-    r = int(wildcards.r)
-    return f"{RES}/pretrain/model.pt" if r == 0 else f"{RES}/round_{r - 1}/student.pt"
+    return str(L.student_of(int(wildcards.r)))
 
 
 def ledgers_of(wildcards):
-    return [f"{RES}/round_{wildcards.r}/ledger/shard_{k}.parquet" for k in range(K)]
+    return [str(L.ledger(wildcards.r, k)) for k in range(K)]
 
 
 def previous_bank(wildcards):
     r = int(wildcards.r)
-    return [] if r == 0 else [f"{RES}/round_{r - 1}/bank.parquet"]
+    return [] if r == 0 else [str(L.bank(r - 1))]
 
 
 def stores_upto(wildcards):
     """Every label store a round-r bank may point into (rounds 0..r)."""
-    return [f"{RES}/round_{q}/labels/shard_{k}.zarr" for q in range(int(wildcards.r) + 1) for k in range(K)]
+    return [str(L.label_store(q, k)) for q in range(int(wildcards.r) + 1) for k in range(K)]
 
 
 def final_outputs():
-    outs = [f"{RES}/round_{r}/{name}" for r in range(R) for name in ("bank.parquet", "teacher.pt", "student.pt")]
-    return outs + [f"{RES}/eval/metrics.parquet", f"{RES}/eval/summary.md"]
+    outs = [str(p) for r in range(R) for p in (L.bank(r), L.teacher(r), L.student(r))]
+    return outs + [str(L.metrics), str(L.summary)]

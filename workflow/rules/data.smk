@@ -3,11 +3,11 @@
 
 rule demo_data:
     output:
-        directory(f"{DATA}/demo"),
+        directory(str(L.demo)),
     params:
         cfg=slice_json("demo", "degrade", "seed"),
     log:
-        f"{RES}/logs/demo_data.log",
+        str(L.log("demo_data")),
     threads: 1
     script:
         "../scripts/demo_data.py"
@@ -15,15 +15,16 @@ rule demo_data:
 
 rule prepare_unlabeled:
     input:
-        src=lambda w: source_dir("unlabeled") if not use_demo() else f"{DATA}/demo",
+        src=lambda w: source_dir("unlabeled") if not use_demo() else str(L.demo),
     output:
-        store=directory(f"{DATA}/unlabeled/images.zarr"),
-        manifest=f"{DATA}/unlabeled/manifest.parquet",
+        store=directory(str(L.unlabeled_images)),
+        manifest=str(L.manifest("unlabeled")),
     params:
         src=source_dir("unlabeled"),
+        out=str(L.prepared("unlabeled")),
         cfg=slice_json("data"),
     log:
-        f"{RES}/logs/prepare_unlabeled.log",
+        str(L.log("prepare_unlabeled")),
     threads: 1
     script:
         "../scripts/prepare.py"
@@ -31,17 +32,18 @@ rule prepare_unlabeled:
 
 rule prepare_paired:
     input:
-        src=lambda w: source_dir(w.split) if not use_demo() else f"{DATA}/demo",
+        src=lambda w: source_dir(w.split) if not use_demo() else str(L.demo),
     output:
-        degraded=directory(f"{DATA}/{{split}}/degraded.zarr"),
-        manifest=f"{DATA}/{{split}}/manifest.parquet",
+        degraded=directory(str(L.degraded("{split}"))),
+        manifest=str(L.manifest("{split}")),
     params:
         src=lambda w: source_dir(w.split),
+        out=lambda w: str(L.prepared(w.split)),
         cfg=slice_json("data"),
     wildcard_constraints:
         split="paired|test",
     log:
-        f"{RES}/logs/prepare_{{split}}.log",
+        str(L.log("prepare_{split}")),
     threads: 1
     script:
         "../scripts/prepare_paired.py"

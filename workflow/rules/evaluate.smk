@@ -1,27 +1,31 @@
-# Evaluation of the final student (every condition level) and its teacher on the test set.
+# Evaluation on the test set: degraded input, pretrained model (the reference), final EMA teacher,
+# final student (student weights) at every condition level.
 
 
 rule evaluate:
     input:
-        student=f"{RES}/round_{R - 1}/student.pt",
-        teacher=f"{RES}/round_{R - 1}/teacher.pt",
-        test=f"{DATA}/test/degraded.zarr",
-        ledgers=[f"{RES}/round_{r}/ledger/shard_{k}.parquet" for r in range(R) for k in range(K)],
-        gates=[f"{RES}/round_{r}/gate.parquet" for r in range(R)],
-        banks=[f"{RES}/round_{r}/bank.parquet" for r in range(R)],
+        pretrained=str(L.pretrained),
+        student=str(L.student(R - 1)),
+        teacher=str(L.teacher(R - 1)),
+        test=str(L.degraded("test")),
+        ledgers=[str(L.ledger(r, k)) for r in range(R) for k in range(K)],
+        gates=[str(L.gate(r)) for r in range(R)],
+        banks=[str(L.bank(r)) for r in range(R)],
     output:
-        metrics=report(f"{RES}/eval/metrics.parquet", category="Evaluation", labels={"table": "all scores"}),
-        summary=report(f"{RES}/eval/summary.md", category="Evaluation", labels={"table": "summary"}),
+        metrics=report(str(L.metrics), category="Evaluation", labels={"table": "all scores"}),
+        summary=report(str(L.summary), category="Evaluation", labels={"table": "summary"}),
         plots=report(
-            directory(f"{RES}/eval/plots"),
+            directory(str(L.plots)),
             patterns=["{name}.png"],
             category="Plots",
             labels={"figure": "{name}"},
         ),
     params:
         cfg=slice_json("evaluate", "iqa"),
+        test=str(L.prepared("test")),
+        out=str(L.eval_dir),
     log:
-        f"{RES}/logs/evaluate.log",
+        str(L.log("evaluate")),
     threads: workflow.cores
     resources:
         gpu=1,

@@ -3,16 +3,15 @@
 
 rule pretrain:
     input:
-        paired=f"{DATA}/paired/degraded.zarr",
+        paired=str(L.degraded("paired")),
     output:
-        model=f"{RES}/pretrain/model.pt",
-        log_table=f"{RES}/pretrain/losses.parquet",
+        model=str(L.pretrained),
+        losses=str(L.pretrain_losses),
     params:
-        cfg=slice_json("model", "pretrain", "seed"),
-        # pretraining also honours the determinism and bf16 switches of `train`
-        runtime=canonical_json({"deterministic": CFG.train.deterministic, "bf16": CFG.train.bf16}),
+        cfg=slice_json("model", "pretrain", "compute", "seed"),
+        paired=str(L.prepared("paired")),
     log:
-        f"{RES}/logs/pretrain.log",
+        str(L.log("pretrain")),
     threads: workflow.cores
     resources:
         gpu=1,

@@ -4,14 +4,14 @@
 rule label:
     input:
         teacher=teacher_of,
-        images=f"{DATA}/unlabeled/images.zarr",
+        images=str(L.unlabeled_images),
     output:
-        store=directory(f"{RES}/round_{{r}}/labels/shard_{{k}}.zarr"),
-        ledger=f"{RES}/round_{{r}}/ledger/shard_{{k}}.parquet",
+        store=directory(str(L.label_store("{r}", "{k}"))),
+        ledger=str(L.ledger("{r}", "{k}")),
     params:
         cfg=slice_json("iqa", "label"),
     log:
-        f"{RES}/logs/round_{{r}}/label_{{k}}.log",
+        str(L.log("round_{r}/label_{k}")),
     threads: 1
     resources:
         gpu=1,
@@ -24,13 +24,13 @@ rule gate:
         ledgers=ledgers_of,
         bank_prev=previous_bank,
     output:
-        gate=f"{RES}/round_{{r}}/gate.parquet",
-        bank=f"{RES}/round_{{r}}/bank.parquet",
+        gate=str(L.gate("{r}")),
+        bank=str(L.bank("{r}")),
     params:
         cfg=slice_json("gate"),
-        n_aug=len(CFG.label.augmentations),
+        n_aug=len(CFG.label.augmentations),  # the size of a complete set of labels
     log:
-        f"{RES}/logs/round_{{r}}/gate.log",
+        str(L.log("round_{r}/gate")),
     threads: 1
     script:
         "../scripts/gate.py"
@@ -38,19 +38,22 @@ rule gate:
 
 rule train:
     input:
-        bank=f"{RES}/round_{{r}}/bank.parquet",
+        bank=str(L.bank("{r}")),
         stores=stores_upto,
-        images=f"{DATA}/unlabeled/images.zarr",
+        images=str(L.unlabeled_images),
         teacher=teacher_of,
         student=student_of,
+        paired=str(L.degraded("paired")),  # the supervised anchor's pairs (train.losses.sup)
     output:
-        student=f"{RES}/round_{{r}}/student.pt",
-        teacher=f"{RES}/round_{{r}}/teacher.pt",
-        losses=f"{RES}/round_{{r}}/losses.parquet",
+        student=str(L.student("{r}")),
+        teacher=str(L.teacher("{r}")),
+        losses=str(L.losses("{r}")),
     params:
-        cfg=slice_json("train", "iqa", "seed"),
+        cfg=slice_json("train", "iqa", "compute", "seed"),
+        results_dir=RES,
+        paired=str(L.prepared("paired")),
     log:
-        f"{RES}/logs/round_{{r}}/train.log",
+        str(L.log("round_{r}/train")),
     threads: workflow.cores
     resources:
         gpu=CFG.train.gpus,

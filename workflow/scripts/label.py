@@ -1,9 +1,7 @@
-from pathlib import Path
-
 from qtlib.label import label_shard
 from qtlib.smk import job
 
 with job(snakemake, gpus=1) as ctx:
-    out = Path(snakemake.output.ledger).parents[1]
-    label_shard(snakemake.input.teacher, snakemake.input.images, int(snakemake.wildcards.k), ctx.cfg.label.shards,
-                out, int(snakemake.wildcards.r), ctx.cfg.iqa, ctx.cfg.label, device=ctx.device)
+    i, o, w = snakemake.input, snakemake.output, snakemake.wildcards
+    label_shard(i.teacher, i.images, int(w.k), ctx.cfg.label.shards, o.store, o.ledger, int(w.r), ctx.cfg.iqa,
+                ctx.cfg.label, device=ctx.device)

@@ -1,8 +1,6 @@
-from pathlib import Path
-
 from qtlib.data import prepare_images
 from qtlib.smk import job
 
 with job(snakemake) as ctx:
-    result = prepare_images(snakemake.params.src, Path(snakemake.output.store).parent, ctx.cfg.data)
+    result = prepare_images(snakemake.params.src, snakemake.params.out, ctx.cfg.data)
     print(result)

@@ -1,10 +1,7 @@
-from pathlib import Path
-
 from qtlib.data import prepare_paired
 from qtlib.smk import job
 
 with job(snakemake) as ctx:
     # A test set may come without ground truth; a paired training set may not.
     require_clean = snakemake.wildcards.split == "paired"
-    out = Path(snakemake.output.degraded).parent
-    print(prepare_paired(snakemake.params.src, out, ctx.cfg.data, require_clean=require_clean))
+    print(prepare_paired(snakemake.params.src, snakemake.params.out, ctx.cfg.data, require_clean=require_clean))

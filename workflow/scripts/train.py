@@ -1,8 +1,11 @@
 from qtlib.smk import job
-from qtlib.train import train_one_round
+from qtlib.train import RoundPaths, train_one_round
 
 with job(snakemake, gpus=snakemake.resources.gpu) as ctx:
     i, o = snakemake.input, snakemake.output
-    result = train_one_round(ctx.cfg, int(snakemake.wildcards.r), i.teacher, i.student, i.bank, i.images,
-                             ctx.cfg.results_dir, o.student, o.teacher, o.losses, device=ctx.device)
+    paths = RoundPaths.of(teacher=i.teacher, student=i.student, bank=i.bank, images=i.images,
+                          results_dir=snakemake.params.results_dir, out_student=o.student, out_teacher=o.teacher,
+                          losses=o.losses, paired=snakemake.params.paired)
+    result = train_one_round(paths, int(snakemake.wildcards.r), ctx.cfg.train, ctx.cfg.iqa, ctx.cfg.compute, ctx.cfg.seed,
+                             device=ctx.device)
     print(result)

@@ -9,7 +9,7 @@ import torch
 import zarr
 
 from qtlib.data.store import StoreWriter, commit_path
-from qtlib.train.data import (
+from qtlib.train.samples import (
     BankReader,
     PairedReader,
     build_samples,

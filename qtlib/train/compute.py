@@ -1,4 +1,4 @@
-"""Seeds, determinism, devices and mixed precision for the training stages."""
+"""The `compute` section in action: seeds, the determinism switch and bf16 autocast for the training stages."""
 
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ class TrainSamples:
         cond: the condition score (the PL's S; ``top_score`` when unconditioned).
         store, index, aug_index: where the target PL's pixels are (store relative to results_dir).
         blocks: (n, gh*gw) block scores of the target PL, row-major.
-        s_poor: S of the image's poorest PL in the selection.
+        s_poor, s_best: S of the image's poorest and best PL in the selection.
     """
 
     image_id: np.ndarray
@@ -82,6 +82,7 @@ class TrainSamples:
     aug_index: np.ndarray
     blocks: np.ndarray
     s_poor: np.ndarray
+    s_best: np.ndarray
 
     def __len__(self) -> int:
         return len(self.image_id)
@@ -117,6 +118,7 @@ def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_co
         aug_index=rows["aug_index"].to_numpy(dtype=np.int64)[target],
         blocks=blocks[target],
         s_poor=groups["S"].transform("min").to_numpy(dtype=np.float32),
+        s_best=groups["S"].transform("max").to_numpy(dtype=np.float32),
     )
 
 
@@ -180,7 +182,8 @@ class Batch:
 
     Shape:
         x, target: (B, 3, P, P) in [0, 1]; weight: (B, 1, P, P), mean 1 over each full image;
-        cond, s_poor, low: (B,); crop_yx: (B, 2) int64.
+        cond, s_poor, s_best, low: (B,); crop_yx: (B, 2) int64;
+        sup_x, sup_y: (B_sup, 3, P, P) labeled pairs of the supervised anchor, or None.
     """
 
     x: torch.Tensor
@@ -190,6 +193,9 @@ class Batch:
     s_poor: torch.Tensor
     low: torch.Tensor
     crop_yx: torch.Tensor
+    s_best: torch.Tensor | None = None
+    sup_x: torch.Tensor | None = None
+    sup_y: torch.Tensor | None = None
 
 
 def open_uint8(path: str | Path, ndim: int, what: str) -> zarr.Array:
@@ -267,6 +273,7 @@ class BankReader:
             weight=torch.stack(ws),
             cond=torch.from_numpy(s.cond[idx].copy()),
             s_poor=torch.from_numpy(s.s_poor[idx].copy()),
+            s_best=torch.from_numpy(s.s_best[idx].copy()),
             low=torch.from_numpy(plan.low_level[slots].copy()),
             crop_yx=torch.from_numpy(plan.crop_yx[slots].astype(np.int64)),
         )
