@@ -84,3 +84,24 @@ def test_exception_no_differentiable_member() -> None:
 def test_exception_bad_shape(offline: IQAConfig) -> None:
     with pytest.raises(ValueError, match="images: expected shape"):
         Reward(offline)(torch.rand(3, 64, 64))
+
+
+def test_member_without_gradient_is_scored_as_a_constant(prepared, noisy: torch.Tensor) -> None:  # noqa: F811
+    """iqa.ensemble[].grad: false keeps the member in the reward's value but passes no gradient through it."""
+    both = Reward(_cfg(("brisque", 0.5), ("niqe", 0.5)))
+    const = Reward(IQAConfig(ensemble=(Member("brisque", 0.5, grad=False), Member("niqe", 0.5))))
+    assert const.constant == frozenset({"brisque"}) and const.members == both.members
+    x1, x2 = noisy.clone().requires_grad_(True), noisy.clone().requires_grad_(True)
+    r1, r2 = both(x1), const(x2)
+    assert torch.allclose(r1, r2, atol=1e-5)  # the same value
+    r1.sum().backward()
+    r2.sum().backward()
+    niqe_only = Reward(_cfg(("niqe", 1.0)))
+    x3 = noisy.clone().requires_grad_(True)
+    (0.5 * niqe_only(x3)).sum().backward()
+    assert not torch.allclose(x1.grad, x2.grad)
+    assert torch.allclose(x2.grad, x3.grad, atol=1e-6)  # only NIQE's half of the gradient remains
+    # PIQE has no gradient, but as a constant member it is admitted
+    assert "piqe" in Reward(IQAConfig(ensemble=(Member("piqe", 0.5, grad=False), Member("brisque", 0.5)))).members
+    with pytest.raises(NoDifferentiableMemberError):
+        Reward(IQAConfig(ensemble=(Member("brisque", 1.0, grad=False),)))

@@ -251,3 +251,37 @@ def test_cli_pretrain_and_train(world: dict[str, Path], tmp_path: Path, capsys: 
     assert (tmp_path / "s.pt").is_file() and (tmp_path / "t.pt").is_file()
     assert main([*args[:-2], "--log", str(tmp_path / "l.parquet"), "--resume", str(tmp_path / "nope")]) == 1
     assert "no step checkpoint" in capsys.readouterr().err
+
+
+def test_supervised_anchor_and_initial_w_init_in_a_round(world: dict[str, Path], tmp_path: Path) -> None:
+    """train.losses.sup reads the paired folder each step; reg_anchor: initial takes W_init from `initial`."""
+    from dataclasses import replace
+
+    from qtlib.models import Checkpoint, build_model, save_checkpoint
+    from qtlib.train.loop import RoundSpec, _w_init
+
+    ckpt = load_checkpoint(world["model"])
+    model = build_model(ckpt.model_config)
+    model.load_state_dict(ckpt.model_state)
+    with torch.no_grad():
+        for p in model.injection_parameters():
+            p.add_(1.0)
+    initial = save_checkpoint(tmp_path / "initial.pt", Checkpoint("pretrain", ckpt.model_config, model.state_dict()))
+    cfg = _config(epochs=1, preference=False, cropped=False,
+                  losses={"per": {"kind": "none"}, "sup": {"weight": 1.0, "batch_size": 2},
+                          "pref": {"reg_anchor": "initial"}})
+    paths = RoundPaths.of(teacher=world["model"], student=world["model"], bank=world["bank"], images=world["images"],
+                          results_dir=world["results"], out_student=tmp_path / "s.pt", out_teacher=tmp_path / "t.pt",
+                          losses=tmp_path / "l.parquet", paired=world["root"] / "paired", initial=initial)
+    spec = RoundSpec(paths, 0, cfg.train, cfg.iqa, cfg.compute, cfg.seed)
+    w_init = _w_init(spec, torch.device("cpu"))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(w_init, model.injection_parameters(), strict=True))
+    assert _w_init(replace(spec, train=_config().train), torch.device("cpu")) is None  # reg_anchor: round
+    with pytest.raises(ValueError, match="reg_anchor: initial needs the initial"):
+        _w_init(replace(spec, paths=replace(paths, initial=None)), torch.device("cpu"))
+    r = train_one_round(paths, 0, cfg.train, cfg.iqa, cfg.compute, cfg.seed, device=cfg.device)
+    log = pd.read_parquet(r.losses)
+    assert log["sup"].notna().all() and (log["sup"] > 0).all()
+    with pytest.raises(ValueError, match="no paired folder"):
+        train_one_round(replace(paths, paired=None, out_student=tmp_path / "s2.pt"), 0, cfg.train, cfg.iqa,
+                        cfg.compute, cfg.seed, device=cfg.device)

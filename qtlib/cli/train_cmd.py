@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--log", required=True, type=Path, help="per-step loss log to write (Parquet)")
     tr.add_argument("--paired", type=Path, default=None,
                     help="prepared paired folder, for the supervised anchor (train.losses.sup.weight > 0)")
+    tr.add_argument("--initial", type=Path, default=None,
+                    help="the initial (pretrained) model, for train.losses.pref.reg_anchor: initial")
     _add_resume(tr, "OUT_STUDENT")
     tr.set_defaults(func=run_train)
 
@@ -82,7 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     cfg, resume = _setup(args)
     try:
         paths = RoundPaths(args.teacher, args.student, args.bank, args.images, args.results_dir,
-                           args.out_student, args.out_teacher, args.log, args.paired)
+                           args.out_student, args.out_teacher, args.log, args.paired,
+                           args.initial)
         r = train_one_round(paths, args.round_, cfg.train, cfg.iqa, cfg.compute, cfg.seed, resume=resume,
                             device=args.device or cfg.device, stop_after=args.stop_after)
     except _user_errors() as exc:

@@ -65,6 +65,7 @@ class Member:
 
     metric: str
     weight: float
+    grad: bool = True
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class PrefLoss:
     second_weight: float = 0.5
     reg_weight: float = 1.0
     low_levels: tuple[float, ...] = (4.0, 5.0, 6.0)
+    reg_anchor: Literal["round", "initial"] = "round"
     l2_target: Literal["poorest", "best"] = "poorest"
     unit_rewards: bool = False
 

@@ -57,9 +57,11 @@ class Reward(nn.Module):
     def __init__(self, cfg: IQAConfig, device: str | torch.device = "cpu") -> None:
         super().__init__()
         weights = ensemble_members(cfg)
-        kept = {m: w for m, w in weights.items() if get_info(m).differentiable}
+        grad = {m.metric: m.grad for m in cfg.ensemble}
+        # A member with grad: false is scored as a constant, so it needs no gradient of its own.
+        kept = {m: w for m, w in weights.items() if get_info(m).differentiable or not grad.get(m, True)}
         excluded = tuple(m for m in weights if m not in kept)
-        if not kept:
+        if not any(grad.get(m, True) for m in kept):
             usable = ", ".join(n for n, i in CATALOG.items() if i.differentiable and not i.needs_reference)
             raise NoDifferentiableMemberError(
                 f"iqa.ensemble: no member is differentiable ({', '.join(weights)}); a reward needs one of: {usable}"
@@ -74,6 +76,7 @@ class Reward(nn.Module):
         self.members: tuple[str, ...] = tuple(kept)
         self.weights: tuple[float, ...] = tuple(kept.values())
         self.excluded: tuple[str, ...] = excluded
+        self.constant: frozenset[str] = frozenset(m for m in self.members if not grad.get(m, True))
         self.metrics = nn.ModuleDict(
             {m: create_metric(m, device, as_loss=True, allow_download=cfg.allow_download) for m in self.members}
         )
@@ -92,9 +95,15 @@ class Reward(nn.Module):
         # Shape only: restorations being trained may overshoot [0, 1] and must still get a gradient.
         check_shape(images, ["B", 3, "H", "W"], "images")
         n = images.shape[0]
-        raw = {m: per_image(metric(images), n, m) for m, metric in self.metrics.items()}
+        raw = {m: self._raw(m, metric, images, n) for m, metric in self.metrics.items()}
         normalized = {m: normalize(m, v) for m, v in raw.items()}
         return EnsembleScores(raw, normalized, combine(normalized, dict(zip(self.members, self.weights))))
+
+    def _raw(self, name: str, metric: nn.Module, images: Tensor, n: int) -> Tensor:
+        if name in self.constant:
+            with torch.no_grad():
+                return per_image(metric(images.detach()), n, name)
+        return per_image(metric(images), n, name)
 
     def forward(self, images: Tensor) -> Tensor:
         """``S(images)``, shape ``(B,)``, on the 0..10 scale."""

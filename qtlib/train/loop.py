@@ -89,6 +89,8 @@ class RoundPaths:
         out_student, out_teacher: the checkpoints to write; losses: the per-step loss log (Parquet).
         paired: the prepared paired folder (``degraded.zarr`` + ``clean.zarr``), read only when the
             supervised anchor (``train.losses.sup``) is on.
+        initial: the initial (pretrained) model, read only when ``train.losses.pref.reg_anchor`` is
+            ``initial`` (its injection weights are W_init of L_reg).
     """
 
     teacher: Path
@@ -100,6 +102,7 @@ class RoundPaths:
     out_teacher: Path
     losses: Path
     paired: Path | None = None
+    initial: Path | None = None
 
     @classmethod
     def of(cls, **paths: str | Path | None) -> RoundPaths:
@@ -149,6 +152,8 @@ def round_fingerprint(spec: RoundSpec, world: int) -> str:
         "inputs": {k: file_hash(getattr(p, k)) for k in ("teacher", "student", "bank")},
         "images": str(p.images.resolve()),
         "paired": str(p.paired.resolve()) if p.paired is not None and spec.train.losses.sup.weight > 0 else None,
+        "initial": file_hash(p.initial) if p.initial is not None and spec.train.losses.pref.reg_anchor == "initial"
+        else None,
     })
 
 
@@ -212,7 +217,7 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
         passes = DistributedDataParallel(passes, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = _optimizer(student, tc, start)
     ctx = build_step_context(student, opt, tc, spec.iqa, dev, top_score=float(mc.conditioning.top_score),
-                             bf16=spec.compute.bf16, passes=passes, reward=reward)
+                             bf16=spec.compute.bf16, passes=passes, reward=reward, init_params=_w_init(spec, dev))
     samples = build_samples(pd.read_parquet(spec.paths.bank), tc.method, ctx.top_score, ctx.switches.score_condition)
     reader = BankReader(samples, spec.paths.images, spec.paths.results_dir, tc.patch_size)
     global_batch = tc.batch_size * world.size
@@ -228,6 +233,16 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
         _log.info("round %d: resuming at step %d", spec.round, st.step)
     total = tc.steps if tc.steps > 0 else per_epoch * tc.epochs
     return _Round(spec, world, mc, student, opt, ema, ctx, reader, _paired_reader(spec), per_epoch, total), st
+
+
+def _w_init(spec: RoundSpec, device: torch.device) -> list[torch.Tensor] | None:
+    """W_init of L_reg: the initial model's injection weights (``reg_anchor: initial``), else None (this round's)."""
+    if spec.train.losses.pref.reg_anchor != "initial":
+        return None
+    if spec.paths.initial is None:
+        raise ValueError("train.losses.pref.reg_anchor: initial needs the initial (pretrained) model (initial=)")
+    model, _ = _load_student(spec.paths.initial, device)
+    return [p.detach().clone() for p in model.injection_parameters()]
 
 
 def _paired_reader(spec: RoundSpec) -> PairedReader | None:

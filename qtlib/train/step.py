@@ -267,6 +267,7 @@ def build_step_context(
     passes: nn.Module | None = None,
     reward: RewardFn | None = None,
     perceptual: str | None = None,
+    init_params: list[torch.Tensor] | None = None,
 ) -> StepContext:
     """The :class:`StepContext` of a round (or a benchmark): switches, rewards, perceptual loss, W_init.
 
@@ -281,6 +282,7 @@ def build_step_context(
         reward: one reward function for both reward terms (default: the IQA ensemble, built only when
             a reward term is on: one for patch-sized, one for crop-sized images).
         perceptual: the resolved perceptual kind (default: resolve ``train.losses.per.kind`` now).
+        init_params: W_init of L_reg (default: the student's injection weights now).
     """
     sw = resolve_switches(train, student.conditioned, perceptual)
     crop = crop_side(train.patch_size, train.losses.cropped.fraction)
@@ -288,7 +290,8 @@ def build_step_context(
         build_reward(iqa, train.patch_size, device) if sw.preference else None)
     crop_reward = reward if reward is not None else (build_reward(iqa, crop, device) if sw.cropped else None)
     # W_init of L_reg: the injection weights when the context is built (empty when unconditioned)
-    init_params = [p.detach().clone() for p in student.injection_parameters()]
+    if init_params is None:
+        init_params = [p.detach().clone() for p in student.injection_parameters()]
     return StepContext(passes if passes is not None else StudentPasses(student), student, optimizer, sw,
                        train.losses, top_score, crop, full_reward, crop_reward,
                        build_perceptual(sw.perceptual, device), init_params, device, bf16)

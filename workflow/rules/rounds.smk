@@ -44,6 +44,7 @@ rule train:
         teacher=teacher_of,
         student=student_of,
         paired=str(L.degraded("paired")),  # the supervised anchor's pairs (train.losses.sup)
+        initial=str(L.pretrained),  # W_init of L_reg with train.losses.pref.reg_anchor: initial
     output:
         student=str(L.student("{r}")),
         teacher=str(L.teacher("{r}")),
