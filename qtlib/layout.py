@@ -22,6 +22,7 @@ the results folder (:data:`LABEL_STORE`), so a results folder can move.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def step_checkpoint(final: str | Path) -> Path:
     """The step checkpoint of an unfinished training stage: ``<final>.partial`` beside ``final``."""
     final = Path(final)
     return final.with_name(final.name + STEP_CHECKPOINT_SUFFIX)
+
+
+def portable(path: str | Path, base: str | Path) -> str:
+    """``path`` relative to ``base`` (with ``..`` where needed): what fingerprints record, so a moved
+    results folder, or the same run in another folder, gives the same bytes."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
 
 
 def label_store_in(round_dir: str | Path, k: Index) -> Path:

@@ -123,11 +123,13 @@ def test_exception_missing_weights_fast_in_empty_torch_home(tmp_path: Path) -> N
     metrics = ["brisque", "niqe", "musiq", "clipiqa", "topiq_nr"]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _PROBE, *metrics], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+                          timeout=120, check=False)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
-    assert wall < 10, f"took {wall:.1f} s (python start and pyiqa import included)"
+    # Not a speed target: a hub lookup that retries costs ~50 s per metric (250 s for these five),
+    # so a bound far above the ~5 s an idle machine takes still tells "fails fast" from "retries".
+    assert wall < 60, f"took {wall:.1f} s (python start and pyiqa import included)"
     cache = str(tmp_path / "torch" / "hub" / "pyiqa")
     for name in metrics:
         message, seconds = result[name]

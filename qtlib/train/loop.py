@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from qtlib.config.loader import to_dict
 from qtlib.config.types import ComputeConfig, IQAConfig, ModelConfig, TrainConfig
-from qtlib.layout import step_checkpoint
+from qtlib.layout import portable, step_checkpoint
 from qtlib.ledger import write_table
 from qtlib.models import EMA, Checkpoint, Restorer, build_model, capture_rng_state, load_checkpoint, save_checkpoint
 from qtlib.runtime import file_hash, resolve_device
@@ -150,8 +150,9 @@ def round_fingerprint(spec: RoundSpec, world: int) -> str:
         "round": spec.round, "seed": spec.seed, "train": to_dict(replace(spec.train, checkpoint_every=1, gpus=1)),
         "iqa": to_dict(spec.iqa), "bf16": spec.compute.bf16, "global_batch": spec.train.batch_size * world,
         "inputs": {k: file_hash(getattr(p, k)) for k in ("teacher", "student", "bank")},
-        "images": str(p.images.resolve()),
-        "paired": str(p.paired.resolve()) if p.paired is not None and spec.train.losses.sup.weight > 0 else None,
+        "images": portable(p.images, p.results_dir),
+        "paired": portable(p.paired, p.results_dir) if p.paired is not None and spec.train.losses.sup.weight > 0
+        else None,
         "initial": file_hash(p.initial) if p.initial is not None and spec.train.losses.pref.reg_anchor == "initial"
         else None,
     })

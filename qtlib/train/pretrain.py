@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from qtlib.config.loader import to_dict
 from qtlib.config.types import ComputeConfig, ModelConfig, PretrainConfig
-from qtlib.layout import step_checkpoint
+from qtlib.layout import portable, step_checkpoint
 from qtlib.ledger import write_table
 from qtlib.models import Checkpoint, build_model, capture_rng_state, save_checkpoint
 from qtlib.runtime import resolve_device
@@ -121,7 +121,7 @@ class _PretrainRun:
 
     def fingerprint(self) -> str:
         return fingerprint({"pretrain": to_dict(self.cfg), "model": to_dict(self.model_cfg), "seed": self.seed,
-                            "bf16": self.compute.bf16, "paired": str(self.paired_dir.resolve())})
+                            "bf16": self.compute.bf16, "paired": portable(self.paired_dir, self.out.parent)})
 
 
 def pretrain_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
