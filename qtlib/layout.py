@@ -155,10 +155,6 @@ class Layout:
         """The student round r starts from: round r-1's, or the pretrained model."""
         return self.pretrained if r == 0 else self.student(r - 1)
 
-    def relative(self, path: str | Path) -> str:
-        """``path`` relative to the results folder (what artifacts record, so the folder can move)."""
-        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
-
     # ---------------------------------------------------------------- evaluation and logs
     @property
     def eval_dir(self) -> Path:
