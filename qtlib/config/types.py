@@ -27,6 +27,7 @@ class ComputeConfig:
 class DataConfig:
     size: int = 192
     min_size: int = 32
+    max_pixels: int = 178_956_970
     paired: str = ""
     unlabeled: str = ""
     test: str = ""
