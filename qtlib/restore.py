@@ -231,12 +231,9 @@ def restore_streaming(
     m, dev = size_multiple(model), torch.device(device)
     ys, xs = tile_spans(h, tile, overlap, m), tile_spans(w, tile, overlap, m)
     out = np.empty((h, w, 3), dtype=np.uint8)
-    acc, weight, lo = torch.zeros((3, 0, w), device=dev), torch.zeros((0, w), device=dev), 0
+    rows = max(th for _, th in ys)  # one row of tiles; allocated once, the carried overlap shifted up
+    acc, weight, lo = torch.zeros((3, rows, w), device=dev), torch.zeros((rows, w), device=dev), 0
     for r, (y, th) in enumerate(ys):
-        grow = y + th - lo - acc.shape[1]
-        if grow > 0:
-            acc = torch.cat([acc, torch.zeros((3, grow, w), device=dev)], 1)
-            weight = torch.cat([weight, torch.zeros((grow, w), device=dev)], 0)
         wy = blend_window(th, overlap, len(ys) == 1, dev)
         for i in range(0, len(xs), batch_size):
             chunk = xs[i : i + batch_size]
@@ -246,11 +243,18 @@ def restore_streaming(
                 pred = model(tiles, torch.full((len(part),), float(score), device=dev)).float()
                 window = wy[:, None] * blend_window(size, overlap, len(xs) == 1, dev)
                 for (x, tw), p in zip(part, pred, strict=True):
-                    acc[:, y - lo : y - lo + th, x : x + tw] += p * window
+                    acc[:, y - lo : y - lo + th, x : x + tw].addcmul_(p, window)
                     weight[y - lo : y - lo + th, x : x + tw] += window
+                del tiles, pred
         done = (ys[r + 1][0] if r + 1 < len(ys) else h) - lo  # rows no later tile touches
-        out[lo : lo + done] = to_uint8(acc[:, :done] / weight[:done])
-        acc, weight, lo = acc[:, done:].clone(), weight[done:].clone(), lo + done
+        block = acc[:, :done].div_(weight[:done]).clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+        out[lo : lo + done] = block.permute(1, 2, 0).cpu().numpy()
+        carry = y + th - lo - done
+        acc[:, :carry] = acc[:, done : done + carry].clone()
+        weight[:carry] = weight[done : done + carry].clone()
+        acc[:, carry:] = 0
+        weight[carry:] = 0
+        lo += done
     return out
 
 
