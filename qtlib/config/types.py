@@ -207,6 +207,7 @@ class TrainConfig:
     ema_decay: float = 0.998
     gpus: int = 1
     checkpoint_every: int = 50
+    max_nonfinite_steps: int = 10
     score_condition: bool = True
     preference: bool = True
     cropped: bool = True
