@@ -72,3 +72,20 @@ def test_config_key() -> None:
     assert config_from_dict({"train": {"max_nonfinite_steps": 0}}).train.max_nonfinite_steps == 0
     with pytest.raises(Exception, match="max_nonfinite_steps"):
         config_from_dict({"train": {"max_nonfinite_steps": -1}})
+
+
+def test_pretrain_step_skips_a_nan_target() -> None:
+    from qtlib.train.pretrain import pretrain_step, trainable
+
+    model, _ = _model_and_opt()
+    net = trainable(model)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    x = torch.rand(2, 3, 32, 32)
+    y = x.clone()
+    y[0, 0, 0, 0] = float("nan")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    terms = pretrain_step(net, opt, x, y, None, 0.0)
+    assert terms["stepped"] is False and terms["loss"] != terms["loss"]  # NaN
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert pretrain_step(net, opt, x, x, None, 0.0)["stepped"] is True
+    assert NonFiniteGuard(0, "pretrain").key == "pretrain.max_nonfinite_steps"

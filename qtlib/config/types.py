@@ -124,6 +124,7 @@ class PretrainConfig:
     perceptual: Perceptual = "none"
     perceptual_weight: float = 0.1
     checkpoint_every: int = 100
+    max_nonfinite_steps: int = 10
 
 
 @dataclass(frozen=True)

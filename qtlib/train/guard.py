@@ -52,6 +52,11 @@ class NonFiniteGuard:
     where: str
     skipped: int = 0
 
+    @property
+    def key(self) -> str:
+        """The config key of the limit."""
+        return "pretrain.max_nonfinite_steps" if self.where == "pretrain" else "train.max_nonfinite_steps"
+
     def record(self, stepped: bool, step: int, loss: float) -> None:
         """Note one step's outcome; log a skipped one; raise past the limit."""
         if stepped:
@@ -62,6 +67,6 @@ class NonFiniteGuard:
         if self.skipped > self.limit:
             raise NonFiniteLossError(
                 f"{self.where}: stopped at step {step}: {self.skipped} steps had a non-finite loss or gradient "
-                f"(last loss {loss}), more than train.max_nonfinite_steps = {self.limit}; no outputs were written "
+                f"(last loss {loss}), more than {self.key} = {self.limit}; no outputs were written "
                 "for this run. Lower the learning rate, check the inputs and labels, or turn bf16 off"
             )
