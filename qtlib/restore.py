@@ -51,7 +51,12 @@ from tqdm import tqdm
 
 from qtlib.data.decode import DEFAULT_MAX_PIXELS
 from qtlib.data.intake import Intake, read_file
-from qtlib.imageio import IMAGE_EXTENSIONS, list_images, to_uint8, write_image, write_uint8
+from qtlib.imageio import (
+    IMAGE_EXTENSIONS,
+    list_images,
+    write_image,
+    write_uint8,
+)
 from qtlib.models import CheckpointError, load_checkpoint, load_model, size_multiple
 from qtlib.runtime import resolve_device
 

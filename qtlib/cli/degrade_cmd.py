@@ -7,8 +7,8 @@ import sys
 
 from qtlib.cli.errors import UserError
 from qtlib.config import ConfigError, load_config
-from qtlib.data.intake import exit_code
 from qtlib.data.degradations import UnknownRecipeError, degrade_path, get_recipe
+from qtlib.data.intake import exit_code
 
 
 def register(sub: argparse._SubParsersAction) -> None:
