@@ -61,6 +61,14 @@ def write_image(path: str | Path, image: torch.Tensor) -> None:
         Image.fromarray(to_uint8(image)).save(tmp)
 
 
+def write_uint8(path: str | Path, array: np.ndarray) -> None:
+    """Write an ``(H, W, 3)`` uint8 array atomically; format from the suffix (no float copy of the image)."""
+    check_shape(array, ["H", "W", 3], "array")
+    path = Path(path)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        Image.fromarray(array).save(tmp)
+
+
 def _composite_on_white(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

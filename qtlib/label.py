@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,8 @@ from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
 from qtlib.data.store import commit_path, staging_path, remove_path
 from qtlib.iqa import Ensemble
-from qtlib.ledger import STATUS_NAN, STATUS_OK, LedgerWriter
+from qtlib.iqa.ensemble import EnsembleScores, split_blocks, unscorable
+from qtlib.ledger import STATUS_CONSTANT, STATUS_NAN, STATUS_NONFINITE, STATUS_OK, LedgerWriter
 from qtlib.models import load_model
 from qtlib.runtime import file_hash, resolve_device
 from qtlib.util.checks import check_image
@@ -74,8 +75,36 @@ def _create_store(path: Path, n: int, k: int, size: tuple[int, int], metrics: li
     return group
 
 
+def label_status(nonfinite: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], scores: EnsembleScores,
+                 blocks) -> np.ndarray:
+    """Status per label (flattened ``B*K``): nonfinite_label, constant_label, nan_score or ok, first that applies.
+
+    ``nonfinite`` marks teacher outputs with a NaN/inf pixel; ``labels`` are the quantized labels that were scored.
+    """
+    n = labels.shape[0]
+    constant = unscorable(labels).cpu().numpy() | unscorable(split_blocks(labels, grid)).view(n, -1).any(1).cpu().numpy()
+    finite = np.isfinite(torch.stack([*scores.raw.values(), scores.S], 1).double().cpu().numpy()).all(1)
+    finite &= np.isfinite(blocks.S.flatten(1).double().cpu().numpy()).all(1)
+    status = np.where(finite, STATUS_OK, STATUS_NAN).astype(object)
+    status[constant] = STATUS_CONSTANT
+    status[nonfinite.cpu().numpy()] = STATUS_NONFINITE
+    return status
+
+
+def _mask_nonfinite(scores, bad: torch.Tensor):
+    """NaN for every score of a label whose teacher output was not finite (its pixels were zeroed to be stored).
+
+    Works on :class:`EnsembleScores` and :class:`BlockScores` alike (both hold ``raw``, ``normalized``, ``S``).
+    """
+    def nan(t: torch.Tensor) -> torch.Tensor:
+        return t.masked_fill(bad.to(t.device).view(-1, *[1] * (t.ndim - 1)), float("nan"))
+
+    return replace(scores, raw={m: nan(v) for m, v in scores.raw.items()},
+                   normalized={m: nan(v) for m, v in scores.normalized.items()}, S=nan(scores.S))
+
+
 def _ledger_rows(ids: list[str], src: np.ndarray, rows: np.ndarray, aug_names: list[str], scores, blocks,
-                 metrics: list[str], meta: dict) -> pd.DataFrame:
+                 metrics: list[str], meta: dict, status: np.ndarray | None = None) -> pd.DataFrame:
     b, k = len(ids), len(aug_names)
     frame = pd.DataFrame({
         "image_id": np.repeat(ids, k),
@@ -97,7 +126,7 @@ def _ledger_rows(ids: list[str], src: np.ndarray, rows: np.ndarray, aug_names: l
     frame["teacher_hash"] = meta["teacher_hash"]
     frame["metric_versions"] = meta["metric_versions"]
     frame["qtlib_version"] = __version__
-    frame["status"] = np.where(finite, STATUS_OK, STATUS_NAN)
+    frame["status"] = np.where(finite, STATUS_OK, STATUS_NAN) if status is None else status
     return frame
 
 
@@ -130,10 +159,12 @@ def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, s
     """
     check_image(x, "x", channels=3, value_range=(0.0, 1.0))
     pls = restore_augmented(sh.restore, x, sh.augs).clamp_(0, 1)
-    q = pls.mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
+    nonfinite = ~torch.isfinite(pls).flatten(2).all(2).flatten()  # (B*K,): a NaN/inf teacher output
+    q = pls.nan_to_num_(0.0).mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
     flat = q.flatten(0, 1).float().div_(255.0)
-    scores = sh.ensemble.score(flat)
-    blocks = sh.ensemble.score_blocks(flat)
+    scores = _mask_nonfinite(sh.ensemble.score(flat), nonfinite)
+    blocks = _mask_nonfinite(sh.ensemble.score_blocks(flat), nonfinite)
+    status = label_status(nonfinite, flat, sh.grid, scores, blocks)
     b, k, g = x.shape[0], len(sh.augs), sh.group
     metrics = list(sh.ensemble.members)
     sl = slice(start, start + b)
@@ -144,7 +175,7 @@ def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, s
     g["blocks_raw"][sl] = torch.stack([blocks.raw[m] for m in metrics], 1).float().cpu().numpy() \
         .reshape(b, k, len(metrics), *sh.grid)
     return _ledger_rows(ids, src, np.arange(start, start + b), [a.name for a in sh.augs], scores, blocks, metrics,
-                        sh.meta)
+                        sh.meta, status)
 
 
 @torch.no_grad()

@@ -23,7 +23,9 @@ blocks_S           list<f32>   ensemble score of each block, row-major (G values
 teacher_hash       string      sha256 (16 hex) of the teacher checkpoint file
 metric_versions    string      JSON: pyiqa version and metric identifiers
 qtlib_version      string      version of qtlib that wrote the row
-status             string      ok, nan_score (a score is NaN/inf), ...
+status             string      ok; nan_score (a whole or block score is NaN/inf);
+                               nonfinite_label (the teacher output NaN/inf);
+                               constant_label (a label or block without variation)
 =================  ==========  =====================================================
 """
 
@@ -43,6 +45,8 @@ from qtlib.util.atomic import atomic_path, commit_file, discard, make_temp
 KEY_COLUMNS = ("image_id", "source_index", "round", "shard", "index", "aug_index", "augmentation")
 STATUS_OK = "ok"
 STATUS_NAN = "nan_score"
+STATUS_NONFINITE = "nonfinite_label"
+STATUS_CONSTANT = "constant_label"
 
 
 def metric_columns(metrics: Sequence[str]) -> tuple[list[str], list[str]]:

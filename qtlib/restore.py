@@ -11,6 +11,21 @@ up to float rounding. Models with global operations (NAFNet's channel
 attention pools over the whole input) see tile statistics instead, and differ
 a little everywhere.
 
+Memory: an image with a side above ``tile_above`` (2048 px by default) is tiled
+even without ``tile``, and every tiled image goes through
+:func:`restore_streaming`: it reads tiles from the decoded 8-bit image, keeps
+only one row of tiles in float, and writes finished rows into a uint8 output
+buffer. Peak memory is then about 7 bytes per pixel (the decoded input, 4 bytes
+per pixel inside Pillow, plus the 3-byte output; then the output and Pillow's
+copy of it while the PNG is encoded), plus ``tile x width`` floats and the
+model's activations on one batch of tiles: it does not grow with the image
+beyond that. Images restored whole need about 60 bytes per pixel (float input,
+output, activations).
+
+Every input goes through :func:`qtlib.data.intake.read_file`: a file that
+cannot be used (empty, not an image, truncated, above ``max_pixels``) is
+reported and skipped, and the run goes on.
+
 Which weights restore: :func:`load_restorer` takes the STUDENT weights of a
 ``student`` checkpoint by default. Those are the weights the score conditioning
 was trained on; the EMA copy in the same file trails them (``train.ema_decay``,
@@ -24,27 +39,42 @@ EMA weights and a ``pretrain`` checkpoint only its model weights.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from qtlib.imageio import IMAGE_EXTENSIONS, list_images, read_image, write_image
+from qtlib.data.decode import DEFAULT_MAX_PIXELS
+from qtlib.data.intake import Intake, read_file
+from qtlib.imageio import (
+    IMAGE_EXTENSIONS,
+    list_images,
+    write_image,
+    write_uint8,
+)
 from qtlib.models import CheckpointError, load_checkpoint, load_model, size_multiple
 from qtlib.runtime import resolve_device
 
 ScoreArg = float | torch.Tensor
 
+#: Tile side used when an image is tiled because a side exceeds ``tile_above`` (and no ``tile`` was given).
+DEFAULT_TILE = 512
+#: Images with a side above this are tiled by default (bounded memory, see the module doc).
+DEFAULT_TILE_ABOVE = 2048
+
 
 @dataclass(frozen=True)
 class RestoreResult:
-    """What :func:`restore_path` wrote."""
+    """What :func:`restore_path` wrote, and every input it could not use (with status and message)."""
 
     outputs: list[Path]
     seconds: float
+    skipped: list[Intake] = field(default_factory=list)
 
 
 def tile_spans(size: int, tile: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:
@@ -153,6 +183,86 @@ def restore_tiled(
     return out / weight
 
 
+def tile_for(height: int, width: int, tile: int | None, tile_above: int | None = DEFAULT_TILE_ABOVE) -> int | None:
+    """The tile side for an image, or None to restore it whole.
+
+    ``tile`` (when given) tiles every image with a side above it; otherwise an image with a
+    side above ``tile_above`` is tiled at ``min(DEFAULT_TILE, tile_above)`` (None = never).
+    """
+    side = max(height, width)
+    if tile is not None:
+        return tile if side > tile else None
+    if tile_above is not None and side > tile_above:
+        return min(DEFAULT_TILE, tile_above)
+    return None
+
+
+def _tile_tensor(image: Image.Image | np.ndarray, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+    """One ``(3, th, tw)`` float tile of an 8-bit RGB image (a crop: the whole image is never converted)."""
+    if isinstance(image, Image.Image):
+        arr = np.asarray(image.crop((x, y, x + tw, y + th)), dtype=np.uint8)
+    else:
+        arr = image[y : y + th, x : x + tw]
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+
+
+def restore_streaming(
+    model: nn.Module,
+    image: Image.Image | np.ndarray,
+    score: float,
+    tile: int,
+    overlap: int = 32,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Restore an 8-bit RGB image tile by tile into a uint8 buffer, one row of tiles in float at a time.
+
+    The same tiles and blend as :func:`restore_tiled` (equal up to float summation order),
+    but memory beyond the input and the uint8 output is one row of tiles
+    (``C x (tile + overlap) x W`` floats) and one batch of tiles through the model.
+
+    Args:
+        model: the restorer, on ``device``, in eval mode.
+        image: an RGB Pillow image or an ``(H, W, 3)`` uint8 array.
+        score: quality score; tile, overlap, batch_size: as :func:`restore_tiled`.
+        device: where the tiles go.
+
+    Returns:
+        The ``(H, W, 3)`` uint8 restoration.
+    """
+    if overlap < 0 or overlap >= tile:
+        raise ValueError(f"overlap: expected 0 <= overlap < tile ({tile}), got {overlap}")
+    w, h = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+    m, dev = size_multiple(model), torch.device(device)
+    ys, xs = tile_spans(h, tile, overlap, m), tile_spans(w, tile, overlap, m)
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    rows = max(th for _, th in ys)  # one row of tiles; allocated once, the carried overlap shifted up
+    acc, weight, lo = torch.zeros((3, rows, w), device=dev), torch.zeros((rows, w), device=dev), 0
+    for r, (y, th) in enumerate(ys):
+        wy = blend_window(th, overlap, len(ys) == 1, dev)
+        for i in range(0, len(xs), batch_size):
+            chunk = xs[i : i + batch_size]
+            for size in sorted({tw for _, tw in chunk}):  # the last tile of a row may be wider
+                part = [(x, tw) for x, tw in chunk if tw == size]
+                tiles = torch.stack([_tile_tensor(image, y, x, th, tw) for x, tw in part]).to(dev)
+                pred = model(tiles, torch.full((len(part),), float(score), device=dev)).float()
+                window = wy[:, None] * blend_window(size, overlap, len(xs) == 1, dev)
+                for (x, tw), p in zip(part, pred, strict=True):
+                    acc[:, y - lo : y - lo + th, x : x + tw].addcmul_(p, window)
+                    weight[y - lo : y - lo + th, x : x + tw] += window
+                del tiles, pred
+        done = (ys[r + 1][0] if r + 1 < len(ys) else h) - lo  # rows no later tile touches
+        block = acc[:, :done].div_(weight[:done]).clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+        out[lo : lo + done] = block.permute(1, 2, 0).cpu().numpy()
+        carry = y + th - lo - done
+        acc[:, :carry] = acc[:, done : done + carry].clone()
+        weight[:carry] = weight[done : done + carry].clone()
+        acc[:, carry:] = 0
+        weight[carry:] = 0
+        lo += done
+    return out
+
+
 def restore_tensor(
     model: nn.Module,
     x: torch.Tensor,
@@ -209,21 +319,17 @@ def output_paths(src: Path, dst: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _groups(
-    pairs: list[tuple[Path, Path]], tile: int | None, batch_size: int
-) -> Iterator[list[tuple[Path, torch.Tensor]]]:
-    """Read images and group consecutive same-size untiled ones into batches of up to ``batch_size``."""
-    group: list[tuple[Path, torch.Tensor]] = []
-    for src, out in pairs:
-        img = read_image(src)
-        tiled = tile is not None and (img.shape[-2] > tile or img.shape[-1] > tile)
-        if group and (tiled or img.shape != group[0][1].shape or len(group) == batch_size):
+def _untiled_groups(
+    items: Iterator[tuple[Path, Intake]], batch_size: int
+) -> Iterator[list[tuple[Path, Intake]]]:
+    """Group consecutive same-size images into batches of up to ``batch_size``."""
+    group: list[tuple[Path, Intake]] = []
+    for out, item in items:
+        assert item.image is not None
+        if group and (item.image.size != group[0][1].image.size or len(group) == batch_size):  # type: ignore[union-attr]
             yield group
             group = []
-        group.append((out, img))
-        if tiled:
-            yield group
-            group = []
+        group.append((out, item))
     if group:
         yield group
 
@@ -238,6 +344,9 @@ def restore_path(
     overlap: int = 32,
     batch_size: int = 1,
     progress: bool = True,
+    tile_above: int | None = DEFAULT_TILE_ABOVE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    report: Callable[[Intake], None] | None = None,
 ) -> RestoreResult:
     """Restore an image file or a folder (recursively) into PNGs with the same relative names.
 
@@ -247,13 +356,17 @@ def restore_path(
         dst: output folder (or a ``.png`` file when ``src`` is a file).
         score: quality score on the 0..10 scale (7 = the paper's top level).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
-        tile: tile side for images larger than it (None = never tile).
+        tile: tile every image with a side above this (None: see ``tile_above``).
         overlap: tile overlap in pixels, blended.
         batch_size: tiles (or same-size images) per forward pass.
         progress: show a tqdm bar.
+        tile_above: without ``tile``, images with a side above this are tiled at
+            ``min(DEFAULT_TILE, tile_above)`` px, streamed (None = restore every image whole).
+        max_pixels: images with more pixels are skipped as ``too_large`` before decoding.
+        report: called with each skipped input as it is skipped (e.g. to print its line).
 
     Returns:
-        :class:`RestoreResult` with the written paths and the wall time.
+        :class:`RestoreResult` with the written paths, the wall time and the skipped inputs.
     """
     src, dst = Path(src), Path(dst)
     if tile is not None and not 0 <= overlap < tile:
@@ -267,16 +380,54 @@ def restore_path(
     dev = resolve_device(device)
     was_training = model.training
     model.to(dev).eval()
-    start, written = time.perf_counter(), []
+    start, written, skipped = time.perf_counter(), [], []
+
+    def skip(item: Intake) -> None:
+        skipped.append(item)
+        if report is not None:
+            report(item)
+
+    def usable() -> Iterator[tuple[Path, Intake]]:
+        """Decoded inputs to restore whole; tiled ones are restored and written here, as they come."""
+        for path, out in pairs:
+            item = read_file(path, max_pixels=max_pixels, digest=False)
+            if not item.ok or item.image is None:
+                skip(item)
+                bar.update(1)
+                continue
+            t = tile_for(item.image.height, item.image.width, tile, tile_above)
+            if t is None:
+                yield out, item
+                continue
+            try:
+                array = restore_streaming(model, item.image, score, t, min(overlap, t - 1), batch_size, dev)
+            except (RuntimeError, ValueError) as exc:
+                skip(_failed(path, exc))
+            else:
+                del item  # the decoded input goes before the output is encoded
+                write_uint8(out, array)
+                written.append(out)
+            bar.update(1)
+
     try:
         with torch.inference_mode(), tqdm(total=len(pairs), unit="img", desc="restore", disable=not progress) as bar:
-            for group in _groups(pairs, tile, batch_size):
-                batch = torch.stack([img for _, img in group]).to(dev)
-                restored = restore_tensor(model, batch, score, tile, overlap, batch_size)
-                for (out, _), img in zip(group, restored.cpu(), strict=True):
-                    write_image(out, img)
-                    written.append(out)
+            for group in _untiled_groups(usable(), batch_size):
+                try:
+                    batch = torch.stack([item.tensor() for _, item in group]).to(dev)
+                    restored = restore_tensor(model, batch, score).cpu()
+                except (RuntimeError, ValueError) as exc:
+                    for _, item in group:
+                        skip(_failed(item.path, exc))
+                else:
+                    for (out, _), img in zip(group, restored, strict=True):
+                        write_image(out, img)
+                        written.append(out)
                 bar.update(len(group))
     finally:
         model.train(was_training)
-    return RestoreResult(outputs=written, seconds=time.perf_counter() - start)
+    return RestoreResult(outputs=written, seconds=time.perf_counter() - start, skipped=skipped)
+
+
+def _failed(path: Path, exc: BaseException) -> Intake:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return Intake(path, "restore_failed", f"{type(exc).__name__}: {first}")

@@ -207,12 +207,12 @@ def test_cli_degrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     sidecar = json.loads((tmp_path / "a_hazy.json").read_text())
     assert sidecar["seed"] == 7 and sidecar["images"][0]["kind"] == "haze"
 
-    assert main([*args, str(tmp_path / "in"), str(tmp_path / "out")]) == 1  # one unreadable input
+    assert main([*args, str(tmp_path / "in"), str(tmp_path / "out")]) == 0  # one unreadable input, skipped
     captured = capsys.readouterr()
     assert "2 images degraded with haze_target (seed 3)" in captured.out
     assert "skipped sub/broken.png" in captured.err
     first = (tmp_path / "out" / "sub" / "b.png").read_bytes()
-    assert main([*args, str(tmp_path / "in"), str(tmp_path / "again")]) == 1
+    assert main([*args, str(tmp_path / "in"), str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "sub" / "b.png").read_bytes() == first  # deterministic
     capsys.readouterr()
 

@@ -130,3 +130,22 @@ def test_exception_bad_members(prepared) -> None:  # noqa: F811
         Ensemble(_cfg(("brisque", 0.0)))
     with pytest.raises(UnknownMetricError, match="unknown metric 'musiq-koniq'"):
         Ensemble(_cfg(("musiq-koniq", 1.0)))
+
+
+def test_constant_and_nonfinite_images_score_nan_never_assert(ensemble: Ensemble, images: torch.Tensor) -> None:
+    """pyiqa asserts on a batch of constant images (BRISQUE/NIQE fit local contrast): they get NaN instead."""
+    from qtlib.iqa.ensemble import unscorable
+
+    flat = torch.full((2, 3, 200, 200), 0.4)
+    flat[1, 1] = 0.7  # constant per channel, still no variation
+    assert unscorable(flat).tolist() == [True, True] and not unscorable(images).any()
+    alone = ensemble.score(flat)  # the whole batch constant: pyiqa's assertion case
+    assert all(torch.isnan(v).all() for v in alone.raw.values()) and torch.isnan(alone.S).all()
+    mixed = torch.cat([images[:1], flat[:1]])
+    scores = ensemble.score(mixed)
+    assert torch.isfinite(scores.S[0]) and torch.isnan(scores.S[1])
+    assert torch.allclose(scores.S[0], ensemble.score(images[:1]).S[0])
+    half = images[:1].clone()
+    half[..., :100, :100] = 0.0  # one constant block of a 2x2 grid
+    blocks = ensemble.score_blocks(half, (2, 2))
+    assert torch.isnan(blocks.S[0, 0, 0]) and torch.isfinite(blocks.S[0, 1:]).all()

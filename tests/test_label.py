@@ -151,3 +151,52 @@ def test_rerun_replaces_store_atomically(labeled: Path, setup: dict[str, Path]) 
     np.testing.assert_array_equal(before, after)  # same teacher and batches: identical labels
     leftovers = [p.name for p in (labeled / "labels").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def _broken_teacher(root: Path, kind: str) -> Path:
+    """Finite weights whose labels are NaN (activations overflow) or constant (output pushed below 0, clamped)."""
+    cfg = ModelConfig(unet=UNetConfig(width=4, depth=2))
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    with torch.no_grad():
+        if kind == "nan":
+            for p in model.parameters():
+                if p.ndim > 1:
+                    p.mul_(1e25)
+        else:
+            head = next(m for n, m in model.named_modules() if n.split(".")[-1] == "head")
+            head.weight.zero_()
+            head.bias.fill_(-10.0)  # residual output x - 10, clamped to a black label
+    return save_checkpoint(root / f"{kind}_teacher.pt", Checkpoint("pretrain", cfg, model.state_dict()))
+
+
+@pytest.mark.parametrize(("kind", "status"), [("nan", "nonfinite_label"), ("constant", "constant_label")])
+def test_teacher_with_nonfinite_or_constant_labels(setup: dict[str, Path], tmp_path: Path, kind: str,
+                                                   status: str) -> None:
+    """Real metrics, real stores: no traceback, every row marked, the gate keeps all of them out of the bank."""
+    teacher = _broken_teacher(tmp_path, kind)
+    out = tmp_path / "round_0"
+    result = label_shard(teacher, setup["images"], 0, 1, label_store_in(out, 0), ledger_in(out, 0), 0, IQA,
+                         LabelConfig(batch_size=3), device="cpu", progress=False)
+    ledger = read_ledger([ledger_in(out, 0)])
+    assert result.n_nan == result.n_rows == len(ledger) == 18
+    assert set(ledger["status"].astype(str)) == {status}
+    if kind == "nan":
+        assert ledger["S"].isna().all()
+    gate = gate_round(ledger, None, GateConfig(tau1=1.0, tau2=1.0), n_aug=3)
+    assert gate.counts["invalid"] == 6 and gate.bank.empty
+
+
+def test_label_status_constant_block() -> None:
+    """A label with one flat block of its 2x2 grid is constant_label even when its whole-image scores are finite."""
+    from qtlib.iqa.ensemble import BlockScores, EnsembleScores
+    from qtlib.label import label_status
+
+    labels = torch.rand(2, 3, 64, 64)
+    labels[1, :, :32, :32] = 0.5
+    fin = {"brisque": torch.tensor([1.0, 2.0])}
+    scores = EnsembleScores(fin, fin, torch.tensor([5.0, 6.0]))
+    blocks = BlockScores({"brisque": torch.ones(2, 2, 2)}, {"brisque": torch.ones(2, 2, 2)}, torch.ones(2, 2, 2),
+                         (2, 2))
+    status = label_status(torch.tensor([False, False]), labels, (2, 2), scores, blocks)
+    assert list(status) == ["ok", "constant_label"]

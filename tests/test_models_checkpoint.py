@@ -173,3 +173,34 @@ def test_pickled_object_is_refused_without_running(tmp_path: Path) -> None:
     # Control: the file really is dangerous, a full unpickler runs its code.
     torch.load(evil, weights_only=False)
     assert marker.read_text() == "code ran"
+
+
+@pytest.mark.parametrize(("where", "bad"), [("model", float("nan")), ("ema", float("inf"))])
+def test_exception_nonfinite_weights_refused_naming_the_tensor(tmp_path: Path, where: str, bad: float,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """A diverged checkpoint is refused on load (weights_only=True still), by load_model and by qt restore."""
+    from qtlib.cli import main
+    from qtlib.imageio import write_image
+
+    model = build_model(CFG)
+    ema = EMA(model, 0.9)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.ndim > 1)
+    if where == "model":
+        state[name].view(-1)[:3] = bad
+        ema_state = None
+    else:
+        ema_state = ema.state_dict()
+        ema_state["module"][name].view(-1)[0] = bad
+    path = save_checkpoint(tmp_path / "bad.pt", Checkpoint("student" if ema_state else "pretrain", CFG, state,
+                                                           ema_state))
+    where_name = "model_state" if where == "model" else "ema_state.module"
+    count = 3 if where == "model" else 1
+    with pytest.raises(CheckpointError, match=rf"bad\.pt: refused to load: tensor {where_name}\['{name}'\] has "
+                                              rf"{count} non-finite"):
+        load_model(path)
+    write_image(tmp_path / "x.png", torch.rand(3, 16, 16))
+    assert main(["restore", "--checkpoint", str(path), "--quiet", str(tmp_path / "x.png"), str(tmp_path / "y.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qt restore: error: ") and err.count("\n") == 1 and name in err
+    assert not (tmp_path / "y.png").exists()

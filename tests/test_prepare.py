@@ -52,7 +52,7 @@ def _write_corpus(root: Path) -> dict[str, str]:
     (root / "text.png").write_text("this is not an image\n")
     expected["text.png"] = "not_image"
     (root / "empty.webp").write_bytes(b"")
-    expected["empty.webp"] = "not_image"
+    expected["empty.webp"] = "empty"
     (root / "notes.txt").write_text("ignored: not an image extension\n")
     (root / "data.npy").write_bytes(b"\x93NUMPY")
 

@@ -274,3 +274,43 @@ def test_cli_restore_errors(tmp_path: Path, checkpoint: Path, case: str, capsys:
                "overlap": "must be smaller than --tile", "ema_of_pretrain": "holds no EMA weights"}[case]
     assert message in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("backbone", "tile", "overlap", "batch_size"),
+                         [("unet", 40, 8, 1), ("unet", 32, 16, 3), ("nafnet", 48, 0, 2), ("unet", 200, 8, 1)])
+def test_streaming_equals_tiled(backbone: str, tile: int, overlap: int, batch_size: int) -> None:
+    """restore_streaming (uint8 in, one row of tiles in float, uint8 out) = restore_tiled, quantized."""
+    from qtlib.restore import restore_streaming, restore_tiled
+
+    model = trained_like(CFGS[backbone])
+    arr = np.random.default_rng(1).integers(0, 256, (75, 101, 3), dtype=np.uint8)
+    with torch.no_grad():
+        ref = to_uint8(restore_tiled(model, torch.from_numpy(arr).permute(2, 0, 1).float() / 255, 4.0, tile, overlap,
+                                     batch_size) if tile < 101 else model(torch.from_numpy(arr).permute(2, 0, 1)
+                                                                          .float()[None] / 255, torch.tensor([4.0]))[0])
+        got = restore_streaming(model, arr, 4.0, tile, overlap, batch_size)
+        from_pil = restore_streaming(model, Image.fromarray(arr), 4.0, tile, overlap, batch_size)
+    assert got.shape == arr.shape and got.dtype == np.uint8 and np.array_equal(got, from_pil)
+    diff = np.abs(got.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # float summation order only
+
+
+def test_tile_for_default_and_explicit() -> None:
+    from qtlib.restore import DEFAULT_TILE, tile_for
+
+    assert tile_for(2048, 1000, None) is None and tile_for(2049, 10, None) == DEFAULT_TILE
+    assert tile_for(100, 100, 64) == 64 and tile_for(64, 64, 64) is None
+    assert tile_for(10**5, 10**5, None, None) is None and tile_for(300, 10, None, 256) == 256
+    assert tile_for(300, 10, None, 100) == 100
+
+
+def test_restore_path_tiles_above_side_by_default(tmp_path: Path) -> None:
+    model = trained_like(CFGS["unet"])
+    arr = np.random.default_rng(2).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    restore_path(model, tmp_path / "x.png", tmp_path / "auto.png", score=3.0, overlap=8, tile_above=64,
+                 progress=False)
+    restore_path(model, tmp_path / "x.png", tmp_path / "whole.png", score=3.0, tile_above=None, progress=False)
+    auto, whole = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("auto.png", "whole.png"))
+    assert auto.shape == whole.shape == arr.shape
+    assert 0 < np.abs(auto - whole).max() <= 8  # tiled (seams differ a little), not restored whole

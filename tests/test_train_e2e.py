@@ -285,3 +285,27 @@ def test_supervised_anchor_and_initial_w_init_in_a_round(world: dict[str, Path],
     with pytest.raises(ValueError, match="no paired folder"):
         train_one_round(replace(paths, paired=None, out_student=tmp_path / "s2.pt"), 0, cfg.train, cfg.iqa,
                         cfg.compute, cfg.seed, device=cfg.device)
+
+
+def nan_reward(y: torch.Tensor) -> torch.Tensor:
+    """A reward that has gone NaN (differentiable, so the preference loss and every gradient are NaN)."""
+    return y.mean(dim=(1, 2, 3)) * float("nan")
+
+
+def test_nonfinite_loss_skips_steps_and_stops_past_the_limit(world: dict[str, Path], tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    from qtlib.train.guard import NonFiniteLossError
+
+    cfg = _config(batch_size=2, max_nonfinite_steps=100)
+    with caplog.at_level("WARNING", logger="qtlib.train.guard"):
+        r = _round(world, tmp_path / "tolerated", cfg, reward=nan_reward)
+    assert r.student is not None and r.steps > 2
+    assert caplog.text.count("optimizer step skipped") == r.steps
+    log = pd.read_parquet(r.losses)
+    assert log["loss"].isna().all()
+    start, student = load_checkpoint(world["model"]).model_state, load_checkpoint(r.student)
+    assert all(torch.equal(v, student.model_state[k]) for k, v in start.items())  # no step was taken
+    with pytest.raises(NonFiniteLossError, match=r"train round 0: stopped at step 2: 3 steps .* "
+                                                 r"train.max_nonfinite_steps = 2"):
+        _round(world, tmp_path / "stopped", _config(batch_size=2, max_nonfinite_steps=2), reward=nan_reward)
+    assert not (tmp_path / "stopped" / "student.pt").exists()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+from pathlib import Path
 
 from qtlib.cli.errors import UserError
 from qtlib.config import ConfigError, load_config
@@ -17,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Read every jpg/jpeg/png/bmp/tif/tiff/webp under IN_DIR (recursive), resize the shorter side to "
             "data.size and center-crop, and write OUT_DIR/images.zarr (N x 3 x size x size uint8) and "
             "OUT_DIR/manifest.parquet (one row per file: id, path, sha256, size, mode, transform, index, "
-            "status, message). Unusable files are skipped with a status; the run fails only if none is usable."
+            "status, message). Unusable files (empty, not_image, truncated, too_small, too_large, unreadable, ...) are "
+            "skipped with a status and a one-line message naming the file; a summary closes the run. Exit status: "
+            "0 when at least one image was usable, 1 when none was (or on a bad option or config)."
         ),
     )
     parser.add_argument("in_dir", metavar="IN_DIR", help="folder of images (searched recursively)")
@@ -34,14 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --paired: clean/ may be absent (a test set without ground truth)",
     )
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="reject images with more pixels as too_large, before decoding "
+                        "(default: data.max_pixels, Pillow's limit of 178956970)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.clean_optional and not args.paired:
         raise UserError("--clean-optional applies to --paired only")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UserError(f"--max-pixels: must be >= 1, got {args.max_pixels}")
     try:
         cfg = load_config(args.config).data
+        if args.max_pixels is not None:
+            cfg = dataclasses.replace(cfg, max_pixels=args.max_pixels)
         if args.paired:
             result = prepare_paired(args.in_dir, args.out_dir, cfg, require_clean=not args.clean_optional)
             outputs = [result.degraded, *([result.clean] if result.clean else []), result.manifest]
@@ -50,7 +62,20 @@ def run(args: argparse.Namespace) -> int:
             outputs = [result.store, result.manifest]
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
+    _print_skipped(Path(args.in_dir), result.manifest)
     skipped = {k: v for k, v in result.status_counts.items() if k != "ok"}
     detail = f" ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
     print(f"{result.n_ok} images ok, {result.n_skipped} skipped{detail} -> {', '.join(map(str, outputs))}")
     return 0
+
+
+def _print_skipped(in_dir: Path, manifest: Path) -> None:
+    """One line per unusable file (from the manifest just written), on stderr."""
+    import pandas as pd
+
+    rows = pd.read_parquet(manifest)
+    for row in rows[rows["status"] != "ok"].itertuples():
+        shown = row.path or getattr(row, "clean_path", "")
+        if shown:
+            print(f"qt prepare: skipped {in_dir / shown}: {row.status}: {' '.join(row.message.split())}",
+                  file=sys.stderr)

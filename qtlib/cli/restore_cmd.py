@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from qtlib.cli.errors import UserError
+from qtlib.data.intake import Intake, exit_code, summary
 from qtlib.models import CheckpointError
-from qtlib.restore import load_restorer, restore_path
+from qtlib.restore import DEFAULT_TILE, DEFAULT_TILE_ABOVE, load_restorer, restore_path
 from qtlib.runtime import resolve_device
 
 
@@ -36,7 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "restore",
         help="restore an image or a folder of images with a checkpoint",
         description="Restore IN (an image or a folder, searched recursively) into OUT as PNGs with the same "
-        "relative names. Images larger than --tile are restored in overlapping tiles with blended seams. "
+        "relative names. Images with a side above --tile-above (default 2048) are restored in overlapping "
+        f"{DEFAULT_TILE} px tiles with blended seams, streamed into an 8-bit buffer, so memory stays near 7 bytes "
+        "per pixel; --tile T tiles every image with a side above T. Unusable inputs (empty, not_image, truncated, "
+        "too_large, ...) are skipped with one line each naming the file; a summary closes the run. Exit status: 0 "
+        "when at least one image was restored, 1 when none was (or on a bad checkpoint or option). "
         "With a student checkpoint (round_R/student.pt) the STUDENT weights are used by default: they are the "
         "ones the score conditioning was trained on, so --score changes the output. The EMA teacher weights in "
         "the same file trail the student (train.ema_decay, 0.998 by default): their score embedding, which starts "
@@ -51,7 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="quality score 0..10 to condition on (default: %(default)s, the top level)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default: %(default)s)")
     parser.add_argument("--tile", type=_positive, default=None, metavar="T",
-                        help="tile side in pixels for larger images (default: whole images)")
+                        help="tile side: tile every image with a side above T (default: tile only images "
+                        f"with a side above --tile-above, at {DEFAULT_TILE} px)")
+    parser.add_argument("--tile-above", type=_non_negative, default=DEFAULT_TILE_ABOVE, metavar="S",
+                        help="without --tile, tile images with a side above S; 0 = never tile "
+                        "(whole images need ~60 bytes per pixel) (default: %(default)s)")
+    parser.add_argument("--max-pixels", type=_positive, default=None, metavar="N",
+                        help="skip images with more pixels as too_large, before decoding (default: 178956970, "
+                        "Pillow's decompression-bomb limit)")
     parser.add_argument("--overlap", type=_non_negative, default=32, metavar="O",
                         help="tile overlap in pixels, blended (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive, default=1, help="tiles per forward pass (default: 1)")
@@ -71,11 +84,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         restorer = load_restorer(args.checkpoint, ema=args.ema, device=device)
+        limits = {"max_pixels": args.max_pixels} if args.max_pixels else {}
         result = restore_path(restorer.model, args.input, args.output, score=args.score, device=device, tile=args.tile,
-                              overlap=args.overlap, batch_size=args.batch_size, progress=not args.quiet)
+                              overlap=args.overlap, batch_size=args.batch_size, progress=not args.quiet,
+                              tile_above=args.tile_above or None, report=_report, **limits)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     score = f"score {args.score:g}" if restorer.conditioned else "not score-conditioned: --score has no effect"
     print(f"restored {len(result.outputs)} image(s) into {args.output} in {result.seconds:.1f} s "
           f"({restorer.weights} weights, {score})")
-    return 0
+    files = [Intake(p, "ok") for p in result.outputs] + result.skipped
+    print(f"qt restore: {summary(files, 'restored')}", file=sys.stderr)
+    return exit_code(len(result.outputs))
+
+
+def _report(item: Intake) -> None:
+    print(f"qt restore: skipped {item.line}", file=sys.stderr)

@@ -4,6 +4,12 @@ Parquet columns: ``path``; per metric ``<metric>`` (raw pyiqa score, named
 exactly as the metric) and ``<metric>_norm`` (in [0, 1], higher = better);
 ``S`` (ensemble, 0..10). With ``--blocks GHxGW`` also ``<metric>_r<i>c<j>`` (raw)
 and ``S_r<i>c<j>`` for every block (row i, column j).
+
+Files go through :func:`qtlib.data.intake.read_file`: an unusable file (empty,
+not an image, truncated, smaller than the metrics' minimum side, above
+``--max-pixels``) gets one line on stderr naming it and is left out of the table;
+the run goes on and ends with a summary. Constant images (and constant blocks)
+cannot be scored by BRISQUE/NIQE-style statistics: their scores are NaN.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,10 +30,16 @@ if TYPE_CHECKING:  # heavy imports stay inside the functions: `qt --help` must b
     import torch
 
     from qtlib.config.types import IQAConfig
+    from qtlib.data.intake import Intake
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("score", help="score images with IQA metrics (table, optional Parquet)")
+    parser = sub.add_parser(
+        "score", help="score images with IQA metrics (table, optional Parquet)",
+        description="Score an image or every image under a folder with the IQA ensemble. Unusable files are "
+        "skipped with one line each naming the file and the problem, and a summary closes the run. Exit status: "
+        "0 when at least one image was scored, 1 when none was usable (or on a bad option, metric or config).",
+    )
     parser.add_argument("input", metavar="IN", help="an image file or a folder (searched recursively)")
     parser.add_argument(
         "--metrics", default=None, metavar="A,B",
@@ -38,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per metric call (default: iqa.batch_size)")
     parser.add_argument("--allow-download", action="store_true", help="let pyiqa download missing weights")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="skip images with more pixels as too_large, before decoding (default: 178956970, "
+                        "Pillow's decompression-bomb limit)")
     parser.set_defaults(func=run)
 
 
@@ -73,34 +89,62 @@ def _device(name: str) -> str:
     return name
 
 
-def _batches(paths: list[Path], batch_size: int) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    """Consecutive images of the same size, at most ``batch_size`` at a time."""
-    import torch
+def _batches(files: Iterator[Intake], batch_size: int, seen: list[Intake]) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """Consecutive usable images of the same size, at most ``batch_size`` at a time.
 
-    from qtlib.imageio import read_image
+    Every file's outcome (without its pixels) is appended to ``seen``; unusable ones
+    are reported on stderr as they come.
+    """
+    import torch
 
     group: list[Path] = []
     images: list[torch.Tensor] = []
-    for path in paths:
-        image = read_image(path)
+    for item in files:
+        seen.append(dataclasses.replace(item, image=None))
+        if not item.ok:
+            print(f"qt score: skipped {item.line}", file=sys.stderr)
+            continue
+        image = item.tensor()
         if images and (image.shape != images[0].shape or len(images) == batch_size):
             yield group, torch.stack(images)
             group, images = [], []
-        group.append(path)
+        group.append(item.path)
         images.append(image)
     if images:
         yield group, torch.stack(images)
 
 
-def score_paths(paths: list[Path], cfg: IQAConfig, device: str, grid: tuple[int, int] | None) -> pandas.DataFrame:
-    """Score ``paths`` with the ensemble of ``cfg``; one row per image (see module doc for columns)."""
+def min_side(cfg: IQAConfig, grid: tuple[int, int] | None) -> int:
+    """The shortest image side every member can score (whole image, and each block of ``grid``)."""
+    from qtlib.iqa import get_info
+
+    need = max(get_info(m.metric).min_size for m in cfg.ensemble)
+    return need * (max(grid) if grid else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreRun:
+    """Scores of the usable files (one row each) and every file's intake outcome (pixels dropped)."""
+
+    frame: pandas.DataFrame
+    files: list[Intake]
+
+
+def score_paths(paths: list[Path], cfg: IQAConfig, device: str, grid: tuple[int, int] | None,
+                max_pixels: int | None = None) -> ScoreRun:
+    """Score ``paths`` with the ensemble of ``cfg``; one row per usable image (see module doc for columns)."""
     import pandas as pd
 
+    from qtlib.data.decode import DEFAULT_MAX_PIXELS
+    from qtlib.data.intake import read_file
     from qtlib.iqa import Ensemble
 
     ensemble = Ensemble(cfg, device)
+    need, limit = min_side(cfg, grid), max_pixels or DEFAULT_MAX_PIXELS
+    files = (read_file(p, need, limit, digest=False) for p in paths)
     rows: list[dict] = []
-    for group, batch in _batches(paths, cfg.batch_size):
+    seen: list[Intake] = []
+    for group, batch in _batches(files, cfg.batch_size, seen):
         scores = ensemble.score(batch)
         blocks = ensemble.score_blocks(batch, grid) if grid else None
         for k, path in enumerate(group):
@@ -116,7 +160,7 @@ def score_paths(paths: list[Path], cfg: IQAConfig, device: str, grid: tuple[int,
                         for j in range(grid[1]):
                             row[f"{name}_r{i}c{j}"] = float(values[k, i, j])
             rows.append(row)
-    return pd.DataFrame(rows)
+    return ScoreRun(pd.DataFrame(rows), seen)
 
 
 def _print_table(frame: pandas.DataFrame, root: Path, members: list[str], grid: tuple[int, int] | None) -> None:
@@ -137,10 +181,13 @@ def _write_parquet(frame: pandas.DataFrame, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qtlib.data.intake import exit_code, summary
     from qtlib.imageio import list_images
     from qtlib.iqa import MissingWeightsError, UnknownMetricError
 
     grid = parse_grid(args.blocks) if args.blocks else None
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UserError(f"--max-pixels: must be >= 1, got {args.max_pixels}")
     cfg = _iqa_config(args)
     try:
         paths = list_images(args.input)
@@ -149,11 +196,14 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise UserError(f"{args.input}: no images found")
     try:
-        frame = score_paths(paths, cfg, _device(args.device), grid)
+        result = score_paths(paths, cfg, _device(args.device), grid, args.max_pixels)
     except (MissingWeightsError, UnknownMetricError, ValueError, OSError) as exc:
         raise UserError(str(exc)) from exc
-    _print_table(frame, Path(args.input), [m.metric for m in cfg.ensemble], grid)
-    if args.out:
+    frame = result.frame
+    if len(frame):
+        _print_table(frame, Path(args.input), [m.metric for m in cfg.ensemble], grid)
+    print(f"qt score: {summary(result.files, 'scored')}", file=sys.stderr)
+    if args.out and len(frame):
         _write_parquet(frame, Path(args.out))
         print(f"wrote {args.out} ({len(frame)} rows)")
-    return 0
+    return exit_code(len(frame))

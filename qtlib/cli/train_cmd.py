@@ -59,8 +59,9 @@ def _setup(args: argparse.Namespace):
 
 def _user_errors():
     from qtlib.models import CheckpointError
+    from qtlib.train.guard import NonFiniteLossError
 
-    return (FileNotFoundError, ValueError, CheckpointError)
+    return (FileNotFoundError, ValueError, CheckpointError, NonFiniteLossError)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:

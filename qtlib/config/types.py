@@ -27,6 +27,7 @@ class ComputeConfig:
 class DataConfig:
     size: int = 192
     min_size: int = 32
+    max_pixels: int = 178_956_970
     paired: str = ""
     unlabeled: str = ""
     test: str = ""
@@ -123,6 +124,7 @@ class PretrainConfig:
     perceptual: Perceptual = "none"
     perceptual_weight: float = 0.1
     checkpoint_every: int = 100
+    max_nonfinite_steps: int = 10
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,7 @@ class TrainConfig:
     ema_decay: float = 0.998
     gpus: int = 1
     checkpoint_every: int = 50
+    max_nonfinite_steps: int = 10
     score_condition: bool = True
     preference: bool = True
     cropped: bool = True

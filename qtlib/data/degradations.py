@@ -51,7 +51,8 @@ from PIL import Image
 
 from qtlib import __version__
 from qtlib.config.types import DegradeConfig, Recipe
-from qtlib.data.decode import decode_image
+from qtlib.data.decode import DEFAULT_MAX_PIXELS
+from qtlib.data.intake import read_file
 from qtlib.data.store import write_json
 from qtlib.imageio import IMAGE_EXTENSIONS, list_images, to_tensor, to_uint8, write_image
 
@@ -372,18 +373,16 @@ def _plan(src: Path, dst: Path) -> tuple[list[tuple[str, Path, Path]], Path]:
     return plan, dst / "degrade.json"
 
 
-def _read_rgb(path: Path) -> tuple[Tensor | None, str]:
-    """Full-size RGB tensor ``(3, H, W)`` with the intake's decoding rules, or None and why not."""
-    try:
-        decoded = decode_image(path.read_bytes(), min_size=8)
-    except OSError as exc:
-        return None, f"unreadable: {exc}"
-    if decoded.status != "ok" or decoded.image is None:
-        return None, f"{decoded.status}: {decoded.message}"
-    return to_tensor(np.asarray(decoded.image, dtype=np.uint8)), ""
+def _read_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Tensor | None, str]:
+    """Full-size RGB tensor ``(3, H, W)`` through the one intake path, or None and ``"status: message"``."""
+    item = read_file(path, min_size=8, max_pixels=max_pixels, digest=False)
+    if not item.ok:
+        return None, f"{item.status}: {' '.join(item.message.split())}"
+    return item.tensor(), ""
 
 
-def degrade_path(src: str | Path, dst: str | Path, name: str, recipe: Recipe, seed: int) -> DegradeRun:
+def degrade_path(src: str | Path, dst: str | Path, name: str, recipe: Recipe, seed: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> DegradeRun:
     """Degrade an image file or a folder of images (recursive) into PNGs, and record what was drawn.
 
     Each image's seed is ``derive_seed(seed, relative name)``, so an image gets the
@@ -397,9 +396,11 @@ def degrade_path(src: str | Path, dst: str | Path, name: str, recipe: Recipe, se
         name: the recipe's name (recorded).
         recipe: the recipe.
         seed: base seed.
+        max_pixels: images with more pixels are skipped as ``too_large`` before decoding.
 
     Returns:
-        A :class:`DegradeRun`. Unreadable inputs are listed in ``failed`` and skipped.
+        A :class:`DegradeRun`. Unusable inputs (see :mod:`qtlib.data.intake`) are listed in ``failed``
+        as ``"NAME (status: message)"`` and skipped.
     """
     src, dst = Path(src), Path(dst)
     if not src.exists():
@@ -408,7 +409,7 @@ def degrade_path(src: str | Path, dst: str | Path, name: str, recipe: Recipe, se
     plan, record_path = _plan(src, dst)
     images, failed, outputs = [], [], []
     for rel, path, out in plan:
-        image, why = _read_rgb(path)
+        image, why = _read_rgb(path, max_pixels)
         if image is None:
             failed.append({"source": rel, "reason": why})
             continue

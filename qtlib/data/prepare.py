@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from qtlib.config.types import DataConfig
-from qtlib.data.decode import Decoded, decode_image, fit_square
+from qtlib.data.decode import Decoded, fit_square
+from qtlib.data.intake import read_file
 from qtlib.data.store import StoreWriter, commit_path, staging_path, remove_path, write_parquet
 from qtlib.imageio import IMAGE_EXTENSIONS, list_images
 
@@ -104,11 +105,7 @@ def list_inputs(in_dir: Path, exclude: Path | None = None) -> list[tuple[str, Pa
 
 
 def _decode_file(path: Path, cfg: DataConfig, draft: bool) -> Decoded:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return Decoded("unreadable", f"{type(exc).__name__}: {exc}", "")
-    return decode_image(data, cfg.min_size, draft_size=2 * cfg.size if draft else None)
+    return read_file(path, cfg.min_size, cfg.max_pixels, draft_size=2 * cfg.size if draft else None).decoded()
 
 
 def _row(rel: str, shown_path: str, decoded: Decoded) -> dict[str, Any]:

@@ -7,6 +7,14 @@ Block scores cut every image into a ``gh x gw`` grid and score all blocks of
 all images together: blocks are stacked into the batch dimension, so a metric
 is called once per chunk of ``batch_size * gh * gw`` blocks (the same number of
 pixels as ``batch_size`` whole images), never once per block.
+
+Images that cannot be scored (:func:`unscorable`: a non-finite value, or no
+variation at all, as a constant label or a flat block) are never passed to a
+metric: their scores are NaN, which the ledger records as a non-ok status and
+the gate keeps out of the bank. BRISQUE and NIQE fit distributions to local
+contrast and pyiqa asserts on an image without any (``Expected image with non
+zero variance``); if a metric still asserts on a batch, its images are scored
+one by one and the failing ones get NaN.
 """
 
 from __future__ import annotations
@@ -78,6 +86,32 @@ def split_blocks(images: Tensor, grid: tuple[int, int]) -> Tensor:
         raise ValueError(f"images: {h}x{w} is too small for a {gh}x{gw} block grid")
     x = images[:, :, : bh * gh, : bw * gw].reshape(b, c, gh, bh, gw, bw)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, bh, bw)
+
+
+def unscorable(images: Tensor) -> Tensor:
+    """``(B,)`` bool: True where an image holds a non-finite value or no variation (every pixel equal per channel).
+
+    Shape:
+        images: ``(B, C, H, W)``.
+    """
+    flat = images.flatten(2)
+    finite = torch.isfinite(flat).all(dim=2).all(dim=1)
+    constant = (flat.amax(dim=2) == flat.amin(dim=2)).all(dim=1)
+    return ~finite | constant
+
+
+def _call_metric(metric: torch.nn.Module, x: Tensor, name: str) -> Tensor:
+    """One metric call on a chunk; an assertion inside pyiqa falls back to one image at a time (NaN where it fails)."""
+    try:
+        return per_image(metric(x), len(x), name)
+    except AssertionError:
+        out = torch.full((len(x),), float("nan"), device=x.device)
+        for i in range(len(x)):
+            try:
+                out[i] = per_image(metric(x[i : i + 1]), 1, name)[0]
+            except AssertionError:
+                pass
+        return out
 
 
 def combine(normalized: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
@@ -196,10 +230,16 @@ class Ensemble:
 
     @torch.no_grad()
     def _raw(self, images: Tensor, chunk: int) -> dict[str, Tensor]:
+        """Raw scores per metric, ``(B,)`` on the metric device; NaN for :func:`unscorable` images."""
+        keep = (~unscorable(images)).nonzero().squeeze(1)
+        scorable = images[keep.to(images.device)] if len(keep) < len(images) else images
         raw: dict[str, Tensor] = {}
         for m, metric in self.metrics.items():
-            parts = [per_image(metric(x.to(self.device)), len(x), m) for x in images.split(chunk)]
-            raw[m] = torch.cat(parts)
+            out = torch.full((len(images),), float("nan"), device=self.device)
+            if len(scorable):
+                parts = [_call_metric(metric, x.to(self.device), m) for x in scorable.split(chunk)]
+                out[keep.to(self.device)] = torch.cat(parts).to(out.device)
+            raw[m] = out
         return raw
 
     def _finish(self, raw: dict[str, Tensor], device: torch.device) -> EnsembleScores:

@@ -106,7 +106,8 @@ def load_checkpoint(path: str | Path, kinds: Iterable[str] | None = None) -> Che
 
     Raises:
         CheckpointError: missing, not a qtlib checkpoint, corrupt, of a kind not in ``kinds``,
-            or holding pickled Python objects (unsafe).
+            holding pickled Python objects (unsafe), or weights with NaN/inf values (the message
+            names the first such tensor).
     """
     path = Path(path)
     payload = _read_payload(path)
@@ -120,6 +121,7 @@ def load_checkpoint(path: str | Path, kinds: Iterable[str] | None = None) -> Che
     allowed = tuple(kinds) if kinds is not None else CHECKPOINT_KINDS
     if kind not in allowed:
         raise CheckpointError(f"{path}: a {kind!r} checkpoint, expected {' or '.join(map(repr, allowed))}")
+    _check_finite(payload, path)
     try:
         model_config = config_from_dict({"model": payload["model_config"]}, source=str(path)).model
         return Checkpoint(
@@ -241,6 +243,23 @@ def _check_plain(obj: Any, where: str, path: Path) -> None:
         f"{path}: cannot save {where}: a {type(obj).__name__} would not load with weights_only=True; "
         "store tensors and plain values only"
     )
+
+
+def _check_finite(payload: dict[str, Any], path: Path) -> None:
+    """Refuse weights with NaN/inf: restoring with them writes black images, labeling with them poisons a round."""
+    ema = payload.get("ema_state")
+    sources = {"model_state": payload.get("model_state"),
+               "ema_state.module": ema.get("module") if isinstance(ema, dict) else None}
+    for where, state in sources.items():
+        if not isinstance(state, dict):
+            continue
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+                n_bad = int((~value.isfinite()).sum())
+                raise CheckpointError(
+                    f"{path}: refused to load: tensor {where}[{name!r}] has {n_bad} non-finite (NaN/inf) value(s) "
+                    f"of {value.numel()}; the run that wrote it diverged"
+                )
 
 
 def _read_payload(path: Path) -> Any:

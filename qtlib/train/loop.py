@@ -46,6 +46,7 @@ from qtlib.train.compute import determinism as determinism_switch
 from qtlib.train.compute import process_seed, seed_everything
 from qtlib.train.state import Resume, TrainState, find_resume, fingerprint, resume_into, save_step
 from qtlib.train.step import TERMS, RewardFn, StepContext, StudentPasses, Switches, build_step_context, train_step
+from qtlib.train.guard import NonFiniteGuard
 
 _log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class _Round:
     paired: PairedReader | None
     per_epoch: int
     total: int
+    guard: NonFiniteGuard | None = None
 
 
 def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
@@ -233,7 +235,8 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
         st = resume_into(resumed, student, opt, ema, restore_rng=world.is_main)
         _log.info("round %d: resuming at step %d", spec.round, st.step)
     total = tc.steps if tc.steps > 0 else per_epoch * tc.epochs
-    return _Round(spec, world, mc, student, opt, ema, ctx, reader, _paired_reader(spec), per_epoch, total), st
+    guard = NonFiniteGuard(tc.max_nonfinite_steps, f"train round {spec.round}")
+    return _Round(spec, world, mc, student, opt, ema, ctx, reader, _paired_reader(spec), per_epoch, total, guard), st
 
 
 def _w_init(spec: RoundSpec, device: torch.device) -> list[torch.Tensor] | None:
@@ -264,6 +267,8 @@ def _one_step(r: _Round, st: TrainState, plan: EpochPlan, epoch: int, in_epoch: 
                                      tc.losses.sup.batch_size or tc.batch_size)
         batch = replace(batch, sup_x=sup_x, sup_y=sup_y)
     out = train_step(r.ctx, batch, st.global_step)
+    if r.guard is not None:
+        r.guard.record(out.stepped, st.step, out.terms["loss"])  # raises past train.max_nonfinite_steps
     if r.ema is not None:
         r.ema.update(r.student)
     values = torch.tensor([out.terms[k] for k in TERMS], dtype=torch.float64, device=r.world.device)

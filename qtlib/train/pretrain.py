@@ -39,6 +39,7 @@ from qtlib.train.perceptual import build_perceptual, resolve_perceptual
 from qtlib.train.compute import autocast, seed_everything
 from qtlib.train.compute import determinism as determinism_switch
 from qtlib.train.state import TrainState, find_resume, fingerprint, resume_into, save_step
+from qtlib.train.guard import NonFiniteGuard, step_if_finite
 
 _log = logging.getLogger(__name__)
 
@@ -137,8 +138,8 @@ def pretrain_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
         loss, per = loss + perceptual_weight * p, p.item()
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
-    return {"loss": loss.item(), "l1": l1.item(), "per": per}
+    stepped = step_if_finite(opt, loss)  # a NaN/inf loss or gradient leaves the weights as they were
+    return {"loss": loss.item(), "l1": l1.item(), "per": per, "stepped": stepped}
 
 
 def _pretrain(run: _PretrainRun, losses: str | Path | None, resume: bool | Path, device: str,
@@ -162,10 +163,12 @@ def _pretrain(run: _PretrainRun, losses: str | Path | None, resume: bool | Path,
     _log.info("pretrain: %d paired images, %d steps, perceptual %s", len(reader), pc.steps, per_kind)
     stop = pc.steps if stop_after is None else min(pc.steps, st.step + stop_after)
     model.train()
+    guard = NonFiniteGuard(pc.max_nonfinite_steps, "pretrain")
     for _ in tqdm(range(st.step, stop), initial=st.step, total=stop, desc="pretrain", unit="step", mininterval=2.0):
         t = time.perf_counter()
         x, y = (v.to(dev) for v in reader.read(run.seed, st.step, pc.batch_size))
         terms = pretrain_step(net, opt, x, y, perceptual, pc.perceptual_weight, run.compute.bf16)
+        guard.record(bool(terms.pop("stepped")), st.step, terms["loss"])
         st.log.append({"step": st.step, **terms, "seconds": time.perf_counter() - t})
         st.step += 1
         if st.step < pc.steps and st.step % pc.checkpoint_every == 0:

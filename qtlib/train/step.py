@@ -39,6 +39,7 @@ from qtlib.train.losses import (
 )
 from qtlib.train.perceptual import build_perceptual, resolve_perceptual
 from qtlib.train.compute import autocast
+from qtlib.train.guard import step_if_finite
 
 _log = logging.getLogger(__name__)
 
@@ -165,6 +166,8 @@ class StepOutput:
 
     loss: torch.Tensor
     terms: dict[str, float]
+    stepped: bool = True
+    """False when a non-finite loss or gradient skipped the optimizer step (:mod:`qtlib.train.guard`)."""
 
 
 def _on(switch: bool, weight: float, start: int, step: int) -> bool:
@@ -250,9 +253,9 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
         total, terms["sup"] = _supervised(ctx, y_sup, batch.sup_y, total)
     ctx.optimizer.zero_grad(set_to_none=True)
     total.backward()
-    ctx.optimizer.step()
+    stepped = step_if_finite(ctx.optimizer, total)
     terms["loss"] = total.item()
-    return StepOutput(total.detach(), terms)
+    return StepOutput(total.detach(), terms, stepped)
 
 
 def build_step_context(
