@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--paired",
         action="store_true",
-        help="IN_DIR holds degraded/ and clean/ (matched by relative path without extension): "
+        help="IN_DIR holds degraded/ and clean/ (or input/ + target/, or lq/ + gt/; matched by relative path "
+        "without extension): "
         "write degraded.zarr and clean.zarr in the same row order",
     )
     parser.add_argument(

@@ -48,6 +48,11 @@ PAIRED_SCHEMA = pa.schema(
     ]
 )
 
+#: The folder names of a paired set, as (degraded, clean), in the order they are looked for. The first
+#: is qtlib's own; the others are the common spellings of restoration data sets (input/target as in
+#: Snow100K-style releases, lq/gt as in BasicSR). Exactly one layout may be present under a folder.
+PAIRED_LAYOUTS: tuple[tuple[str, str], ...] = (("degraded", "clean"), ("input", "target"), ("lq", "gt"))
+
 GEOMETRY = (
     "EXIF orientation applied; converted to 8-bit RGB (alpha composited on white, 16-bit scaled by 1/257); "
     "shorter side resized to size (Pillow bicubic, antialiased; large JPEGs decoded at 1/2..1/8 first, "
@@ -224,12 +229,34 @@ def _group(files: list[tuple[str, Path]]) -> dict[str, list[tuple[str, Path]]]:
     return groups
 
 
-def match_pairs(degraded: list[tuple[str, Path]], clean: list[tuple[str, Path]] | None) -> list[_Pair]:
+def paired_layout(in_dir: str | Path) -> tuple[str, str]:
+    """The (degraded, clean) folder names of a paired set: the one :data:`PAIRED_LAYOUTS` entry whose
+    degraded folder exists under ``in_dir``.
+
+    Raises:
+        FileNotFoundError: none is present (the message lists every accepted layout).
+        ValueError: more than one is present (which one is meant is not guessed).
+    """
+    in_dir = Path(in_dir)
+    found = [(d, c) for d, c in PAIRED_LAYOUTS if (in_dir / d).is_dir()]
+    accepted = ", ".join(f"{d}/ + {c}/" for d, c in PAIRED_LAYOUTS)
+    if not found:
+        raise FileNotFoundError(f"{in_dir}: no paired layout found; expected one of {accepted}")
+    if len(found) > 1:
+        names = ", ".join(f"{d}/" for d, _ in found)
+        raise ValueError(f"{in_dir}: several paired layouts at once ({names}); keep one of {accepted}")
+    return found[0]
+
+
+def match_pairs(degraded: list[tuple[str, Path]], clean: list[tuple[str, Path]] | None,
+                names: tuple[str, str] = PAIRED_LAYOUTS[0]) -> list[_Pair]:
     """Match degraded and clean files by relative path without extension (``a/x.jpg`` <-> ``a/x.png``).
 
-    ``clean=None`` means there is no ``clean/`` folder (a test set without ground
-    truth): every degraded file is a pair of its own.
+    ``clean=None`` means there is no clean folder (a test set without ground
+    truth): every degraded file is a pair of its own. ``names`` are the two folder
+    names, for the messages.
     """
+    deg_name, clean_name = names
     if clean is None:
         return [_Pair(item, None) for item in degraded]
     deg_groups, clean_groups = _group(degraded), _group(clean)
@@ -241,9 +268,9 @@ def match_pairs(degraded: list[tuple[str, Path]], clean: list[tuple[str, Path]] 
             pairs += [_Pair(item, None, "ambiguous", f"one name, several files: {names}") for item in d]
             pairs += [_Pair(None, item, "ambiguous", f"one name, several files: {names}") for item in c if not d]
         elif not c:
-            pairs.append(_Pair(d[0], None, "no_clean", f"no clean/{key}.* for this degraded image"))
+            pairs.append(_Pair(d[0], None, "no_clean", f"no {clean_name}/{key}.* for this degraded image"))
         elif not d:
-            pairs.append(_Pair(None, c[0], "no_degraded", f"no degraded/{key}.* for this clean image"))
+            pairs.append(_Pair(None, c[0], "no_degraded", f"no {deg_name}/{key}.* for this clean image"))
         else:
             pairs.append(_Pair(d[0], c[0]))
     return pairs
@@ -266,12 +293,12 @@ def _pair_status(pair: _Pair, deg: Decoded | None, cln: Decoded | None) -> tuple
     return "ok", ""
 
 
-def _paired_row(pair: _Pair, deg: Decoded | None, cln: Decoded | None) -> dict[str, Any]:
+def _paired_row(pair: _Pair, deg: Decoded | None, cln: Decoded | None, names: tuple[str, str]) -> dict[str, Any]:
     main = deg if deg is not None else cln
     assert main is not None
     rel = pair.degraded[0] if pair.degraded else pair.clean[0]  # type: ignore[index]
-    row = _row(rel, f"degraded/{rel}" if pair.degraded else "", main)
-    row["clean_path"] = f"clean/{pair.clean[0]}" if pair.clean else ""
+    row = _row(rel, f"{names[0]}/{rel}" if pair.degraded else "", main)
+    row["clean_path"] = f"{names[1]}/{pair.clean[0]}" if pair.clean else ""
     row["clean_sha256"] = cln.sha256 if cln else ""
     row["clean_mode"] = cln.mode if cln else ""
     row["status"], row["message"] = _pair_status(pair, deg, cln)
@@ -282,6 +309,9 @@ def prepare_paired(
     in_dir: str | Path, out_dir: str | Path, cfg: DataConfig, require_clean: bool = True
 ) -> PairedResult:
     """Turn ``IN/degraded`` + ``IN/clean`` into ``OUT/degraded.zarr``, ``OUT/clean.zarr`` and a manifest.
+
+    The folders may also be named ``input/`` + ``target/`` or ``lq/`` + ``gt/``
+    (:data:`PAIRED_LAYOUTS`); the manifest's paths keep the names found.
 
     Files are matched by relative path without extension; both images of a pair
     must have the same size and get the same geometry, and row ``i`` of both
@@ -304,21 +334,23 @@ def prepare_paired(
         NoUsableImagesError: no usable pair.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    has_clean = (in_dir / "clean").is_dir()
+    layout = paired_layout(in_dir)
+    deg_name, clean_name = layout
+    has_clean = (in_dir / clean_name).is_dir()
     if require_clean and not has_clean:
-        raise FileNotFoundError(f"{in_dir}: expected degraded/ and clean/ folders; clean/ is missing")
-    degraded = list_inputs(in_dir / "degraded", exclude=out_dir)
-    clean = list_inputs(in_dir / "clean", exclude=out_dir) if has_clean else None
-    pairs = match_pairs(degraded, clean)
+        raise FileNotFoundError(f"{in_dir}: expected {deg_name}/ and {clean_name}/ folders; {clean_name}/ is missing")
+    degraded = list_inputs(in_dir / deg_name, exclude=out_dir)
+    clean = list_inputs(in_dir / clean_name, exclude=out_dir) if has_clean else None
+    pairs = match_pairs(degraded, clean, layout)
     if not pairs:
-        raise NoUsableImagesError(f"{in_dir}/degraded: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise NoUsableImagesError(f"{in_dir}/{deg_name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"degraded": out_dir / "degraded.zarr", "clean": out_dir / "clean.zarr"}
     manifest = out_dir / "manifest.parquet"
     names = ["degraded", "clean"] if has_clean else ["degraded"]
     writers = {name: StoreWriter(paths[name], len(pairs), cfg.size) for name in names}
     try:
-        rows = [_prepare_pair(pair, cfg, writers) for pair in pairs]
+        rows = [_prepare_pair(pair, cfg, writers, layout) for pair in pairs]
         if not writers["degraded"].ids:
             raise NoUsableImagesError(_empty_message(in_dir, rows))
         _flag_duplicates(rows)
@@ -340,11 +372,12 @@ def prepare_paired(
     return PairedResult(n_ok, len(rows) - n_ok, paths["degraded"], clean_store, manifest, counts)
 
 
-def _prepare_pair(pair: _Pair, cfg: DataConfig, writers: dict[str, StoreWriter]) -> dict[str, Any]:
+def _prepare_pair(pair: _Pair, cfg: DataConfig, writers: dict[str, StoreWriter],
+                  names: tuple[str, str]) -> dict[str, Any]:
     """Decode one pair, write it to the stores if usable, return its manifest row."""
     deg = _decode_file(pair.degraded[1], cfg, draft=False) if pair.degraded else None
     cln = _decode_file(pair.clean[1], cfg, draft=False) if pair.clean else None
-    row = _paired_row(pair, deg, cln)
+    row = _paired_row(pair, deg, cln, names)
     if row["status"] != "ok":
         return row
     assert deg is not None
