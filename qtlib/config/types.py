@@ -30,6 +30,7 @@ class DataConfig:
     paired: str = ""
     unlabeled: str = ""
     test: str = ""
+    leaks: Literal["error", "warn"] = "error"
 
 
 @dataclass(frozen=True)

@@ -48,3 +48,21 @@ rule prepare_paired:
     threads: 1
     script:
         "../scripts/prepare_paired.py"
+
+
+# Before any training: no test file may be a paired or unlabeled file (qtlib.data.leaks). Training and
+# evaluation take the report as ancient() input: they wait for the check, and a failed check stops them,
+# but a check rerun because the test folder changed does not rerun pretraining.
+rule leak_check:
+    input:
+        manifests=[str(L.manifest(s)) for s in SPLITS],
+    output:
+        report=str(L.leak_report),
+    params:
+        cfg=slice_json("data"),
+        sources={s: source_dir(s) for s in SPLITS},
+    log:
+        str(L.log("leak_check")),
+    threads: 1
+    script:
+        "../scripts/leak_check.py"
