@@ -31,6 +31,8 @@ class DataConfig:
     unlabeled: str = ""
     test: str = ""
     leaks: Literal["error", "warn"] = "error"
+    geometry: Literal["square", "native"] = "square"
+    max_side: int = 0
 
 
 @dataclass(frozen=True)

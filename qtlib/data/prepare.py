@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from qtlib.config.types import DataConfig
 from qtlib.data.decode import Decoded, decode_image, fit_square
-from qtlib.data.store import StoreWriter, commit_path, staging_path, remove_path, write_parquet
+from qtlib.data.store import PerImageWriter, StoreWriter, commit_path, staging_path, remove_path, write_parquet
 from qtlib.imageio import IMAGE_EXTENSIONS, list_images
 
 MANIFEST_SCHEMA = pa.schema(
@@ -113,6 +114,8 @@ def _decode_file(path: Path, cfg: DataConfig, draft: bool) -> Decoded:
         data = path.read_bytes()
     except OSError as exc:
         return Decoded("unreadable", f"{type(exc).__name__}: {exc}", "")
+    # Native images are decoded at full size, so the recorded transform is the only resize.
+    draft = draft and cfg.geometry == "square"
     return decode_image(data, cfg.min_size, draft_size=2 * cfg.size if draft else None)
 
 
@@ -132,10 +135,36 @@ def _row(rel: str, shown_path: str, decoded: Decoded) -> dict[str, Any]:
     }
 
 
-def _fit(decoded: Decoded, size: int) -> tuple[np.ndarray, str]:
+def fit_native(img: Image.Image, max_side: int = 0) -> tuple[np.ndarray, str]:
+    """The image at its own size, downscaled only when its longer side exceeds ``max_side`` (0 = never).
+
+    Returns:
+        The ``(H, W, 3)`` uint8 array and the transform: ``"none"``, or e.g.
+        ``"resize 4000x3000->1600x1200 (max_side 1600, bicubic, antialiased)"``.
+    """
+    width, height = img.size
+    if not max_side or max(width, height) <= max_side:
+        return np.asarray(img, dtype=np.uint8).copy(), "none"
+    scale = max_side / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    # Pillow widens the filter support when downscaling, which is what antialiasing means here.
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return (np.asarray(img, dtype=np.uint8).copy(),
+            f"resize {width}x{height}->{new_w}x{new_h} (max_side {max_side}, bicubic, antialiased)")
+
+
+def _fit(decoded: Decoded, cfg: DataConfig) -> tuple[np.ndarray, str]:
     assert decoded.image is not None
-    array, geometry = fit_square(decoded.image, size)
+    if cfg.geometry == "native":
+        array, geometry = fit_native(decoded.image, cfg.max_side)
+    else:
+        array, geometry = fit_square(decoded.image, cfg.size)
     return array, "; ".join([*decoded.steps, geometry])
+
+
+def _writer(final: Path, capacity: int, cfg: DataConfig) -> StoreWriter | PerImageWriter:
+    """The store writer of ``data.geometry``: one N x 3 x S x S array, or one array per image."""
+    return PerImageWriter(final) if cfg.geometry == "native" else StoreWriter(final, capacity, cfg.size)
 
 
 def _flag_duplicates(rows: list[dict[str, Any]]) -> None:
@@ -159,8 +188,19 @@ def _empty_message(in_dir: Path, rows: list[dict[str, Any]]) -> str:
     return f"{in_dir}: no usable images among {len(rows)} files ({summary}); e.g. {examples}"
 
 
+NATIVE_GEOMETRY = (
+    "EXIF orientation applied; converted to 8-bit RGB (alpha composited on white, 16-bit scaled by 1/257); "
+    "native size, or longer side resized to max_side when larger (Pillow bicubic, antialiased); no crop"
+)
+
+
 def _store_attributes(cfg: DataConfig, source: str) -> dict[str, Any]:
-    return {"transform": {"size": cfg.size, "min_size": cfg.min_size, "steps": GEOMETRY}, "source": source}
+    if cfg.geometry == "native":
+        transform = {"geometry": "native", "max_side": cfg.max_side, "min_size": cfg.min_size,
+                     "steps": NATIVE_GEOMETRY}
+    else:
+        transform = {"geometry": "square", "size": cfg.size, "min_size": cfg.min_size, "steps": GEOMETRY}
+    return {"transform": transform, "source": source}
 
 
 def prepare_images(in_dir: str | Path, out_dir: str | Path, cfg: DataConfig) -> PrepareResult:
@@ -184,14 +224,14 @@ def prepare_images(in_dir: str | Path, out_dir: str | Path, cfg: DataConfig) -> 
         raise NoUsableImagesError(f"{in_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found (recursive)")
     out_dir.mkdir(parents=True, exist_ok=True)
     store, manifest = out_dir / "images.zarr", out_dir / "manifest.parquet"
-    writer = StoreWriter(store, len(files), cfg.size)
+    writer = _writer(store, len(files), cfg)
     try:
         rows = []
         for rel, path in files:
             decoded = _decode_file(path, cfg, draft=True)
             rows.append(_row(rel, rel, decoded))
             if decoded.status == "ok":
-                array, rows[-1]["transform"] = _fit(decoded, cfg.size)
+                array, rows[-1]["transform"] = _fit(decoded, cfg)
                 rows[-1]["index"] = writer.append(rows[-1]["id"], array)
         if not writer.ids:
             raise NoUsableImagesError(_empty_message(in_dir, rows))
@@ -348,7 +388,7 @@ def prepare_paired(
     paths = {"degraded": out_dir / "degraded.zarr", "clean": out_dir / "clean.zarr"}
     manifest = out_dir / "manifest.parquet"
     names = ["degraded", "clean"] if has_clean else ["degraded"]
-    writers = {name: StoreWriter(paths[name], len(pairs), cfg.size) for name in names}
+    writers = {name: _writer(paths[name], len(pairs), cfg) for name in names}
     try:
         rows = [_prepare_pair(pair, cfg, writers, layout) for pair in pairs]
         if not writers["degraded"].ids:
@@ -381,9 +421,9 @@ def _prepare_pair(pair: _Pair, cfg: DataConfig, writers: dict[str, StoreWriter],
     if row["status"] != "ok":
         return row
     assert deg is not None
-    array, row["transform"] = _fit(deg, cfg.size)
+    array, row["transform"] = _fit(deg, cfg)
     row["index"] = writers["degraded"].append(row["id"], array)
     if cln is not None:
-        clean_array, _ = _fit(cln, cfg.size)
+        clean_array, _ = _fit(cln, cfg)
         writers["clean"].append(row["id"], clean_array)
     return row
