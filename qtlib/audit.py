@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import zarr
 
+from qtlib.data.store import LabelStore
 from qtlib.layout import Layout
 from qtlib.ledger import load as load_ledger
 
@@ -105,8 +105,9 @@ def trace(results_dir: str | Path, image_id: str) -> pd.DataFrame:
 
 def read_label(store: str | Path, index: int, aug_index: int) -> np.ndarray:
     """The pixels of one label in a label store: ``(H, W, 3)`` uint8 (only that image's chunk is read)."""
-    labels = zarr.open_group(str(store), mode="r")["labels"]
-    return np.ascontiguousarray(np.asarray(labels[index, aug_index]).transpose(1, 2, 0))
+    labels = LabelStore(store)
+    h, w = labels.size_of(index)
+    return np.ascontiguousarray(labels.window(index, aug_index, 0, 0, h, w).transpose(1, 2, 0))
 
 
 def pseudo_label(results_dir: str | Path, round_: int, image_id: str, augmentation: str | int) -> np.ndarray:

@@ -91,3 +91,164 @@ def test_square_geometry_is_unchanged(tmp_path: Path) -> None:
     _write(tmp_path / "in")
     store = ImageStore(prepare_images(tmp_path / "in", tmp_path / "out", DataConfig(size=32, min_size=16)).store)
     assert not store.per_image and store.shape == (5, 3, 32, 32) and store.uniform
+
+
+# ---------------------------------------------------------------- labeling, training crops, evaluation
+
+import torch  # noqa: E402
+
+from qtlib import audit  # noqa: E402
+from qtlib.augment import get_augmentations  # noqa: E402
+from qtlib.config import GateConfig, IQAConfig, LabelConfig, ModelConfig, UNetConfig  # noqa: E402
+from qtlib.config.types import Member  # noqa: E402
+from qtlib.data.store import LabelStore, PerImageWriter, commit_path  # noqa: E402
+from qtlib.gate import run_gate  # noqa: E402
+from qtlib.label import label_shard  # noqa: E402
+from qtlib.layout import Layout  # noqa: E402
+from qtlib.models import Checkpoint, build_model, load_model, save_checkpoint  # noqa: E402
+from qtlib.restore import restore_tiled  # noqa: E402
+from qtlib.train.losses import block_weight_map  # noqa: E402
+from qtlib.train.samples import (  # noqa: E402
+    BankReader, PairedReader, block_weight_window, build_samples, draw_epoch_plan,
+)
+
+IQA = IQAConfig(ensemble=(Member("brisque", 1.0),), blocks=(2, 2), batch_size=8)
+AUGS = ["hflip", "vflip", "rot90"]
+TILE = 96  # the 160 x 107 image is restored tile by tile
+
+
+def _photos(root: Path) -> None:
+    """Photo crops of several sizes and aspects (BRISQUE needs texture, not noise)."""
+    from skimage import data
+
+    photo = data.astronaut()
+    root.mkdir(parents=True)
+    for i, (h, w) in enumerate(SIZES):
+        Image.fromarray(photo[20 * i:20 * i + h, 30 * i:30 * i + w]).save(root / f"{i}.png")
+    Image.fromarray(photo[:300, 100:300]).save(root / "3.png")  # 300 x 200 -> max_side 160
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    root = tmp_path_factory.mktemp("native")
+    layout = Layout(root / "results")
+    _photos(root / "photos")
+    prepare_images(root / "photos", layout.prepared("unlabeled"), NATIVE)
+    torch.manual_seed(0)
+    cfg = ModelConfig(unet=UNetConfig(width=4, depth=2))
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    layout.pretrained.parent.mkdir(parents=True)
+    save_checkpoint(layout.pretrained, Checkpoint("pretrain", cfg, model.state_dict()))
+    for k in range(2):
+        label_shard(layout.pretrained, layout.unlabeled_images, k, 2, layout.label_store(0, k), layout.ledger(0, k),
+                    0, IQA, LabelConfig(batch_size=4, tile=TILE, tile_overlap=16), device="cpu", progress=False)
+    run_gate([layout.ledger(0, k) for k in range(2)], None, GateConfig(tau1=1e9, tau2=1e9), 3, layout.gate(0),
+             layout.bank(0))
+    return layout
+
+
+def test_labels_are_stored_at_each_images_size_and_are_the_teachers_views(labeled: Layout) -> None:
+    images = ImageStore(labeled.unlabeled_images)
+    model = load_model(labeled.pretrained)
+    manifest = pd.read_parquet(labeled.manifest("unlabeled")).set_index("path")
+    augs = get_augmentations(AUGS)
+    for path in ("1.png", "3.png"):  # portrait (rot90 on its own), and the tiled one
+        image_id = manifest.loc[path, "id"]
+        x = images.read_tensor(images.index_of(image_id))
+        with torch.no_grad():
+            if max(x.shape[-2:]) > TILE:
+                views = [a.inverse(restore_tiled(model, a.forward(x), 7.0, TILE, 16)) for a in augs]
+            else:
+                views = [a.inverse(model(a.forward(x[None]), 7.0)[0]) for a in augs]
+        for k, name in enumerate(AUGS):
+            label = audit.pseudo_label(labeled.root, 0, path, name)
+            assert label.shape == (*images.size_of(images.index_of(image_id)), 3)
+            expected = views[k].clamp(0, 1).mul(255).round().byte().numpy().transpose(1, 2, 0)
+            assert np.abs(label.astype(int) - expected).max() <= 1
+
+
+def test_pseudo_label_returns_every_image_at_its_original_size_or_cap(labeled: Layout) -> None:
+    manifest = pd.read_parquet(labeled.manifest("unlabeled")).set_index("path")
+    ledger = pd.concat([pd.read_parquet(labeled.ledger(0, k)) for k in range(2)])
+    assert len(ledger) == 3 * len(SIZES) and ledger["S"].notna().all()
+    for path, row in manifest.iterrows():
+        w, h = int(row["orig_width"]), int(row["orig_height"])
+        scale = min(1.0, 160 / max(w, h))
+        expected = (round(h * scale), round(w * scale))
+        for name in AUGS:
+            assert audit.pseudo_label(labeled.root, 0, path, name).shape == (*expected, 3)
+    stores = [LabelStore(labeled.label_store(0, k)) for k in range(2)]
+    assert any(s.per_image for s in stores)
+
+
+def _coded(h: int, w: int) -> np.ndarray:
+    """(H, W, 3) uint8 whose pixels encode their (row, column) modulo 256, so a crop can be located."""
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([yy % 256, xx % 256, (yy // 256) * 16 + xx // 256], -1).astype(np.uint8)
+
+
+def test_bank_reader_crops_x_pl_and_weights_at_the_same_place(tmp_path: Path) -> None:
+    """Synthetic PL = 255 - x at every image size: every crop of the PL must be 255 - the crop of x."""
+    sizes = [(40, 72), (90, 33), (300, 280)]
+    writer = PerImageWriter(tmp_path / "images.zarr")
+    for i, (h, w) in enumerate(sizes):
+        writer.append(f"img{i}", _coded(h, w))
+    writer.close({})
+    commit_path(writer.tmp, tmp_path / "images.zarr")
+    import zarr
+
+    g = zarr.open_group(str(tmp_path / "round_0/labels/shard_0.zarr"), mode="w")
+    labels = g.create_group("labels")
+    labels.attrs.update({"layout": "per_image", "sizes": [list(s) for s in sizes]})
+    blocks = np.array([[[[1.0, 2.0], [3.0, 4.0]]] * 3] * 3, dtype=np.float32)  # (N, K, 2, 2)
+    for i, (h, w) in enumerate(sizes):
+        labels.create_array(str(i), data=np.stack([255 - _coded(h, w).transpose(2, 0, 1)] * 3))
+    g.create_array("blocks_S", data=blocks)
+    bank = pd.DataFrame({"image_id": [f"img{i}" for i in range(3)], "source_index": [0, 1, 2], "rank": 0,
+                         "store": "round_0/labels/shard_0.zarr", "index": [0, 1, 2], "aug_index": [0, 1, 2],
+                         "S": [5.0, 6.0, 4.0], "blocks_S": [b[0].reshape(-1) for b in blocks]})
+    samples = build_samples(bank, "qualiteacher", 7.0, True)
+    reader = BankReader(samples, tmp_path / "images.zarr", tmp_path, 24)
+    assert reader.image_size.shape == (3, 2)
+    plan = draw_epoch_plan(len(samples), 6, reader.image_size, 24, 12, (4.0,), 0, 0, 0)
+    batch = reader.read(plan, np.arange(6))
+    for j in range(6):
+        i = plan.sample[j]
+        top, left = (int(v) for v in plan.patch_yx[j])
+        h, w = sizes[samples.source_index[i]]
+        assert top + 24 <= h and left + 24 <= w
+        x = (batch.x[j] * 255).round().to(torch.int64)
+        assert torch.equal(x, torch.from_numpy(_coded(h, w)[top:top + 24, left:left + 24].transpose(2, 0, 1))
+                           .to(torch.int64))
+        assert torch.equal((batch.target[j] * 255).round().to(torch.int64), 255 - x)
+        full = block_weight_map(torch.from_numpy(samples.blocks[i].reshape(1, 2, 2)), (h, w))
+        assert torch.equal(batch.weight[j], full[0, :, top:top + 24, left:left + 24])
+
+
+@pytest.mark.parametrize("size", [(37, 53), (64, 64), (101, 7 * 13), (1000, 999)])
+def test_block_weight_window_equals_a_crop_of_the_full_map(size: tuple[int, int]) -> None:
+    blocks = np.array([[1.0, 3.0, 2.0], [5.0, 4.0, 0.5]], dtype=np.float32)
+    full = block_weight_map(torch.from_numpy(blocks[None]), size)[0]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        top, left = (int(rng.integers(0, s - 7 + 1)) for s in size)
+        assert torch.equal(block_weight_window(blocks, size, top, left, 7), full[:, top:top + 7, left:left + 7])
+
+
+def test_paired_reader_native_crops_are_aligned_and_inside(tmp_path: Path) -> None:
+    sizes = [(40, 72), (90, 33), (50, 50)]
+    for name, f in (("degraded", lambda a: a), ("clean", lambda a: 255 - a)):
+        writer = PerImageWriter(tmp_path / f"{name}.zarr")
+        for i, (h, w) in enumerate(sizes):
+            writer.append(f"p{i}", f(_coded(h, w)))
+        writer.close({})
+        commit_path(writer.tmp, tmp_path / f"{name}.zarr")
+    reader = PairedReader(tmp_path, 30)
+    for step in range(5):
+        x, y = reader.read(seed=0, step=step, batch=3)
+        assert torch.allclose(x + y, torch.ones_like(x))
+    with pytest.raises(ValueError, match="smallest side 33"):
+        PairedReader(tmp_path, 34)

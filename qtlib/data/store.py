@@ -307,6 +307,53 @@ class ImageStore:
                 yield part, self.read_tensor(part)
 
 
+class LabelStore:
+    """Read-only access to a label store of either layout (one array, or one array per image).
+
+    Args:
+        path: a ``labels/shard_{k}.zarr`` folder.
+
+    Shape:
+        :meth:`labels` ``(K, 3, H, W)`` uint8 of one image; :meth:`window` ``(3, h, w)``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"label store {self.path}: not found")
+        self.group = zarr.open_group(str(self.path), mode="r")
+        node = self.group["labels"]
+        self.per_image = isinstance(node, zarr.Group)
+        self._node = node
+        if self.per_image:
+            self.sizes = np.asarray(node.attrs["sizes"], dtype=np.int64).reshape(-1, 2)
+        else:
+            if node.ndim != 5 or node.shape[2] != 3 or node.dtype != np.uint8:
+                raise ValueError(f"label store {self.path}: expected uint8 labels (N, K, 3, H, W), got "
+                                 f"{node.shape} {node.dtype}")
+            self.sizes = np.tile(np.asarray(node.shape[-2:], dtype=np.int64), (node.shape[0], 1))
+        self.grid = tuple(int(v) for v in self.group["blocks_S"].shape[-2:])
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        h, w = self.sizes[index]
+        return int(h), int(w)
+
+    def _array(self, index: int) -> zarr.Array:
+        return self._node[str(index)]
+
+    def labels(self, index: int) -> np.ndarray:
+        """Every augmentation's label of one image: ``(K, 3, H, W)`` uint8 (only its chunk is read)."""
+        return np.asarray(self._array(index)[...] if self.per_image else self._node[index])
+
+    def window(self, index: int, aug_index: int, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """A ``(3, height, width)`` window of one label."""
+        win = (aug_index, slice(None), slice(top, top + height), slice(left, left + width))
+        return np.asarray(self._array(index)[win] if self.per_image else self._node[(index, *win)])
+
+
 def load_images(path: str | Path) -> Images:
     """Load a whole image store: ``(ids, N x 3 x S x S uint8 array)``."""
     store = ImageStore(path)
