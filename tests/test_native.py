@@ -252,3 +252,60 @@ def test_paired_reader_native_crops_are_aligned_and_inside(tmp_path: Path) -> No
         assert torch.allclose(x + y, torch.ones_like(x))
     with pytest.raises(ValueError, match="smallest side 33"):
         PairedReader(tmp_path, 34)
+
+
+# ---------------------------------------------------------------- the whole workflow on mixed sizes
+
+NATIVE_SIZES = {"paired": [(80, 112), (96, 72), (70, 70), (150, 100)],
+                "unlabeled": [(72, 96), (100, 68), (64, 64), (200, 130)],
+                "test": [(66, 90), (90, 66), (160, 120)]}
+
+
+def _write_split(root: Path, split: str) -> None:
+    from skimage import data
+
+    photo = data.chelsea() if split == "test" else data.astronaut() if split == "paired" else data.coffee()
+    rng = np.random.default_rng(len(split))
+    for i, (h, w) in enumerate(NATIVE_SIZES[split]):
+        clean = photo[10 * i:10 * i + h, 20 * i:20 * i + w]
+        degraded = np.clip(clean + rng.normal(0, 12, clean.shape), 0, 255).astype(np.uint8)
+        if split == "unlabeled":
+            (root / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(degraded).save(root / split / f"u{i}.png")
+            continue
+        for side, img in (("lq", degraded), ("gt", clean)):
+            (root / split / side).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / split / side / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_workflow_runs_on_images_of_several_sizes(tmp_path: Path) -> None:
+    import copy
+
+    from test_workflow import TINY, snakemake, write_config
+
+    for split in NATIVE_SIZES:
+        _write_split(tmp_path / "mine", split)
+    cfg = copy.deepcopy(TINY)
+    cfg["data"] = {"geometry": "native", "max_side": 128, "min_size": 16,
+                   **{s: f"mine/{s}" for s in NATIVE_SIZES}}
+    cfg["label"] = {**cfg["label"], "tile": 112, "tile_overlap": 16}
+    cfg["evaluate"] = {**cfg["evaluate"], "tile": 112, "tile_overlap": 16}
+    write_config(tmp_path, cfg)
+    snakemake(tmp_path, "--resources", "gpu=2")
+    results = tmp_path / "results"
+    assert not (results / "data" / "demo").exists()  # every split given: no demo built
+    manifest = pd.read_parquet(results / "data/unlabeled/manifest.parquet")
+    for row in manifest.itertuples():
+        scale = min(1.0, 128 / max(row.orig_width, row.orig_height))
+        expected = (round(row.orig_height * scale), round(row.orig_width * scale))
+        for r in range(cfg["rounds"]):
+            for aug in AUGS:
+                assert audit.pseudo_label(results, r, row.path, aug).shape == (*expected, 3)
+    assert manifest.loc[manifest["path"] == "u3.png", "transform"].item().endswith(
+        "resize 130x200->83x128 (max_side 128, bicubic, antialiased)")
+    metrics = pd.read_parquet(results / "eval/metrics.parquet")
+    assert metrics["image_id"].nunique() == len(NATIVE_SIZES["test"])
+    assert metrics["psnr"].notna().all()
+    trail = audit.trace(results, "u1.png")
+    assert sorted(set(trail["round"])) == list(range(cfg["rounds"]))
