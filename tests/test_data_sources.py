@@ -15,7 +15,7 @@ from qtlib.data import ImageStore
 from qtlib.data.prepare import PAIRED_LAYOUTS, paired_layout, prepare_paired
 from test_workflow import TINY, planned_jobs, snakemake, write_config
 
-CFG = DataConfig(size=32, min_size=16)
+CFG = DataConfig(size=32, min_size=16, geometry="square")
 
 
 def _noise(h: int, w: int, seed: int) -> np.ndarray:

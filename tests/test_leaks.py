@@ -16,7 +16,7 @@ from qtlib.data.leaks import LEAK_SCHEMA, LeakError, check_leaks, find_leaks
 from qtlib.data.prepare import prepare_images, prepare_paired
 from test_workflow import TINY, snakemake, write_config
 
-CFG = DataConfig(size=32, min_size=16)
+CFG = DataConfig(size=32, min_size=16, geometry="square")
 
 
 def _png(path: Path, seed: int) -> None:

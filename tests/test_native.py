@@ -87,9 +87,11 @@ def test_paired_native_keeps_both_sides_aligned(tmp_path: Path) -> None:
     assert np.array_equal(degraded.read(1), 255 - clean_store.read(1))
 
 
-def test_square_geometry_is_unchanged(tmp_path: Path) -> None:
+def test_native_is_the_default_and_square_is_unchanged(tmp_path: Path) -> None:
+    assert DataConfig().geometry == "native"
     _write(tmp_path / "in")
-    store = ImageStore(prepare_images(tmp_path / "in", tmp_path / "out", DataConfig(size=32, min_size=16)).store)
+    square = DataConfig(size=32, min_size=16, geometry="square")
+    store = ImageStore(prepare_images(tmp_path / "in", tmp_path / "out", square).store)
     assert not store.per_image and store.shape == (5, 3, 32, 32) and store.uniform
 
 

@@ -31,7 +31,7 @@ class DataConfig:
     unlabeled: str = ""
     test: str = ""
     leaks: Literal["error", "warn"] = "error"
-    geometry: Literal["square", "native"] = "square"
+    geometry: Literal["native", "square"] = "native"
     max_side: int = 0
 
 

@@ -1,11 +1,13 @@
 """Image intake (``qt prepare``): a folder of images -> a Zarr store + a Parquet manifest.
 
 ``prepare_images`` turns every file with an image extension under a folder into
-one manifest row, and every usable one into one row of ``images.zarr`` (RGB,
-``data.size`` square: shorter side resized to the size, bicubic and
-antialiased, then center crop). ``prepare_paired`` does the same for a
-``degraded/`` + ``clean/`` folder, with both stores in the same row order and
-geometry. Outputs are written under temp names and swapped in at the end.
+one manifest row, and every usable one into one row of ``images.zarr`` (RGB).
+Its geometry is ``data.geometry``: ``native`` keeps each image at its own size
+(downscaled to ``data.max_side`` when larger; one array per image), ``square``
+resizes the shorter side to ``data.size`` (bicubic, antialiased) and
+center-crops. ``prepare_paired`` does the same for a ``degraded/`` + ``clean/``
+folder (or an alias, :data:`PAIRED_LAYOUTS`), with both stores in the same row
+order and geometry. Outputs are written under temp names and swapped in at the end.
 """
 
 from __future__ import annotations
