@@ -11,7 +11,8 @@ Outputs (written to temporary names, renamed into place at the end):
   ``labels`` uint8 ``(N, K, 3, H, W)`` when the shard's images share one size, else a
   group of one array ``(K, 3, H_i, W_i)`` per image named by its index (the layout
   of :mod:`qtlib.data.store`, for the same reasons; read either with
-  :class:`qtlib.data.store.LabelStore`); ``S`` float64 ``(N, K)``;
+  :class:`qtlib.data.store.LabelStore`). The block score maps have one grid (gh x gw)
+  whatever the image size, so they stay N-d arrays. ``S`` float64 ``(N, K)``;
   ``raw`` float64 ``(N, K, M)``; ``blocks_S`` float32 ``(N, K, gh, gw)``;
   ``blocks_raw`` float32 ``(N, K, M, gh, gw)``; attributes: image ids, source
   indices, augmentations, metrics, round, shard, teacher hash.
