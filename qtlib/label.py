@@ -44,7 +44,7 @@ from qtlib import __version__
 from qtlib.augment import get_augmentations, restore_augmented
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
-from qtlib.data.store import LabelStore, commit_path, staging_path, remove_path
+from qtlib.data.store import commit_path, remove_path, staging_path
 from qtlib.iqa import Ensemble
 from qtlib.ledger import STATUS_NAN, STATUS_OK, LedgerWriter
 from qtlib.models import load_model

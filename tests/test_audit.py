@@ -38,7 +38,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     for i in range(3):
         crop = photo[40 * i:40 * i + 80, 30 * i:30 * i + 96]
         noisy = np.clip(crop + rng.normal(0, 8, crop.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save((root / f"img_{i}.png"))
+        Image.fromarray(noisy).save(root / f"img_{i}.png")
     prepare_images(root, layout.prepared("unlabeled"), DataConfig(size=64, min_size=16, geometry="square"))
     torch.manual_seed(0)
     cfg = ModelConfig(unet=UNetConfig(width=4, depth=2))

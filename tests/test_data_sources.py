@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_workflow import TINY, planned_jobs, snakemake, write_config
 
 from qtlib.config.types import DataConfig
 from qtlib.data import ImageStore
 from qtlib.data.prepare import PAIRED_LAYOUTS, paired_layout, prepare_paired
-from test_workflow import TINY, planned_jobs, snakemake, write_config
 
 CFG = DataConfig(size=32, min_size=16, geometry="square")
 

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_workflow import TINY, snakemake, write_config
 
 from qtlib.config.types import DataConfig
 from qtlib.data.leaks import LEAK_SCHEMA, LeakError, check_leaks, find_leaks
 from qtlib.data.prepare import prepare_images, prepare_paired
-from test_workflow import TINY, snakemake, write_config
 
 CFG = DataConfig(size=32, min_size=16, geometry="square")
 

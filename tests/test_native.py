@@ -7,10 +7,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
-from qtlib.config.types import DataConfig
+from qtlib import audit
+from qtlib.augment import get_augmentations
+from qtlib.config import GateConfig, IQAConfig, LabelConfig, ModelConfig, UNetConfig
+from qtlib.config.types import DataConfig, Member
 from qtlib.data import ImageStore, prepare_images, prepare_paired
+from qtlib.data.store import LabelStore, PerImageWriter, commit_path
+from qtlib.gate import run_gate
+from qtlib.label import label_shard
+from qtlib.layout import Layout
+from qtlib.models import Checkpoint, build_model, load_model, save_checkpoint
+from qtlib.restore import restore_tiled
+from qtlib.train.losses import block_weight_map
+from qtlib.train.samples import (
+    BankReader,
+    PairedReader,
+    block_weight_window,
+    build_samples,
+    draw_epoch_plan,
+)
 
 NATIVE = DataConfig(geometry="native", max_side=160, min_size=16)
 #: (H, W) of the mixed-size corpus: landscape, portrait, square, one above max_side, one equal to another.
@@ -96,23 +114,6 @@ def test_native_is_the_default_and_square_is_unchanged(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- labeling, training crops, evaluation
-
-import torch  # noqa: E402
-
-from qtlib import audit  # noqa: E402
-from qtlib.augment import get_augmentations  # noqa: E402
-from qtlib.config import GateConfig, IQAConfig, LabelConfig, ModelConfig, UNetConfig  # noqa: E402
-from qtlib.config.types import Member  # noqa: E402
-from qtlib.data.store import LabelStore, PerImageWriter, commit_path  # noqa: E402
-from qtlib.gate import run_gate  # noqa: E402
-from qtlib.label import label_shard  # noqa: E402
-from qtlib.layout import Layout  # noqa: E402
-from qtlib.models import Checkpoint, build_model, load_model, save_checkpoint  # noqa: E402
-from qtlib.restore import restore_tiled  # noqa: E402
-from qtlib.train.losses import block_weight_map  # noqa: E402
-from qtlib.train.samples import (  # noqa: E402
-    BankReader, PairedReader, block_weight_window, build_samples, draw_epoch_plan,
-)
 
 IQA = IQAConfig(ensemble=(Member("brisque", 1.0),), blocks=(2, 2), batch_size=8)
 AUGS = ["hflip", "vflip", "rot90"]

@@ -24,7 +24,14 @@ from PIL import Image
 
 from qtlib.config.types import DataConfig
 from qtlib.data.decode import Decoded, decode_image, fit_square
-from qtlib.data.store import PerImageWriter, StoreWriter, commit_path, staging_path, remove_path, write_parquet
+from qtlib.data.store import (
+    PerImageWriter,
+    StoreWriter,
+    commit_path,
+    remove_path,
+    staging_path,
+    write_parquet,
+)
 from qtlib.imageio import IMAGE_EXTENSIONS, list_images
 
 MANIFEST_SCHEMA = pa.schema(
