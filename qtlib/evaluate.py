@@ -46,6 +46,7 @@ from qtlib.iqa import Ensemble, create_metric, get_info
 from qtlib.iqa.ensemble import check_images
 from qtlib.ledger import read_ledger, write_table
 from qtlib.models import load_checkpoint, load_model
+from qtlib.restore import restore_tiled
 from qtlib.runtime import file_hash
 
 log = logging.getLogger(__name__)
@@ -156,10 +157,17 @@ def plan_runs(pretrained: Candidate, teacher: Candidate, student: Candidate, lev
     return [*runs, *(Run(student.name, lvl, student.model, student.checkpoint_hash) for lvl in levels)]
 
 
-def restore_batch(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """The run's output for ``x`` (the input itself for ``degraded``), clamped to [0, 1]."""
+def restore_batch(run: Run, x: torch.Tensor, tile: int = 0, overlap: int = 32) -> torch.Tensor:
+    """The run's output for ``x`` (the input itself for ``degraded``), clamped to [0, 1].
+
+    Images whose longer side exceeds ``tile`` (0 = never) are restored tile by tile, one by one.
+    """
     if run.model is None:
         return x
+    if tile and max(x.shape[-2:]) > tile:
+        level = run.level if run.level is not None else getattr(run.model, "top_score", 7.0)
+        y = torch.stack([restore_tiled(run.model, img, level, tile, overlap) for img in x])
+        return y.clamp(0, 1)
     score = None if run.level is None else torch.full((x.shape[0],), run.level, device=x.device)
     y = run.model(x, score)
     if y.shape != x.shape:
@@ -213,7 +221,7 @@ class EvalSet:
         test_dir = Path(test_dir)
         degraded = ImageStore(test_dir / "degraded.zarr")
         clean = ImageStore(test_dir / "clean.zarr") if (test_dir / "clean.zarr").exists() else None
-        if clean is not None and (clean.ids != degraded.ids or clean.shape != degraded.shape):
+        if clean is not None and (clean.ids != degraded.ids or not np.array_equal(clean.sizes, degraded.sizes)):
             raise ValueError(f"{test_dir}: clean.zarr does not match degraded.zarr (ids or shape differ); "
                              "re-run qt prepare on the test folder")
         if len(degraded) == 0:
@@ -221,14 +229,16 @@ class EvalSet:
         return cls(degraded, clean)
 
     def batches(self, size: int, device: str | torch.device) -> Iterator[Batch]:
-        """``(ids, degraded, clean or None)`` per batch, checked: (B, 3, H, W) float in [0, 1]."""
+        """``(ids, degraded, clean or None)`` per batch, checked: (B, 3, H, W) float in [0, 1].
+
+        Images keep their own size: a batch holds images of one size (bucketed by shape).
+        """
         for rows, x in self.degraded.batches(size):
-            sl = slice(rows.start, rows.stop)
-            gt = None if self.clean is None else self.clean.read_tensor(sl).to(device)
+            gt = None if self.clean is None else self.clean.read_tensor(rows).to(device)
             check_images(x, "degraded")
             if gt is not None:
                 check_images(gt, "clean")
-            yield list(self.degraded.ids[sl]), x.to(device), gt
+            yield [self.degraded.ids[int(r)] for r in rows], x.to(device), gt
 
 
 def _example_titles(runs: Sequence[Run]) -> dict[int, str]:
@@ -246,30 +256,33 @@ def _run_frame(run: Run, ids: list[str], scores: Mapping[str, np.ndarray]) -> pd
 
 
 def run_restorations(runs: Sequence[Run], test: EvalSet, scorer: Scorer, batch_size: int, n_examples: int,
-                     device: str | torch.device) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+                     device: str | torch.device, tile: int = 0,
+                     overlap: int = 32) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """Restore and score the test set for every run; returns the metrics table and example images per title.
 
     The outputs of all runs for one batch of test images are scored in one panel call
     (pyiqa's metrics are per image, so this changes no score, only the number of calls).
+    Examples come from the images of the first batch's size (a grid needs one size).
     """
     parts: list[list[pd.DataFrame]] = [[] for _ in runs]
     titles = _example_titles(runs)
     shown: dict[str, list[torch.Tensor]] = {t: [] for t in titles.values()}
-    seen = 0
+    seen, shape = 0, None
     with torch.no_grad():
         for ids, x, gt in test.batches(batch_size, device):
-            outs = [restore_batch(run, x) for run in runs]
+            outs = [restore_batch(run, x, tile, overlap) for run in runs]
             scores = scorer(torch.cat(outs), None if gt is None else gt.repeat(len(runs), 1, 1, 1))
             for i, run in enumerate(runs):
                 part = {m: v[i * len(ids):(i + 1) * len(ids)] for m, v in scores.items()}
                 parts[i].append(_run_frame(run, ids, part))
-            keep = max(0, n_examples - seen)
+            shape = shape or tuple(x.shape[-2:])
+            keep = max(0, n_examples - seen) if tuple(x.shape[-2:]) == shape else 0
             if keep:
                 for i, title in titles.items():
                     shown[title].append(outs[i][:keep].cpu())
                 if gt is not None:
                     shown.setdefault("ground truth", []).append(gt[:keep].cpu())
-            seen += len(ids)
+                seen += min(keep, len(ids))
     examples = {t: torch.cat(v) for t, v in shown.items() if v}
     return pd.concat([f for p in parts for f in p], ignore_index=True), examples
 
@@ -415,7 +428,7 @@ def evaluate(pretrained: str | Path, teacher: str | Path, student: str | Path, t
              load_candidate("student", student, "student", False, device)]
     scorer = Scorer(cfg.panel, iqa or IQAConfig(), test.clean is not None, device)
     metrics, examples = run_restorations(plan_runs(*cands, cfg.levels), test, scorer, batch_size, cfg.n_examples,
-                                         device)
+                                         device, cfg.tile, cfg.tile_overlap)
     metrics_path = write_table(metrics, out_dir / "metrics.parquet",
                                metrics_schema(cfg.panel, test.clean is not None))
     lower_better = {m: get_info(m).lower_better for m in scorer.columns}

@@ -8,12 +8,23 @@ are scored), and the IQA ensemble scores each label whole and per block.
 Outputs (written to temporary names, renamed into place at the end):
 
 * ``labels/shard_{k}.zarr`` — a Zarr group, one chunk per image:
-  ``labels`` uint8 ``(N, K, 3, H, W)``; ``S`` float64 ``(N, K)``;
+  ``labels`` uint8 ``(N, K, 3, H, W)`` when the shard's images share one size, else a
+  group of one array ``(K, 3, H_i, W_i)`` per image named by its index (the layout
+  of :mod:`qtlib.data.store`, for the same reasons; read either with
+  :class:`qtlib.data.store.LabelStore`). The block score maps have one grid (gh x gw)
+  whatever the image size, so they stay N-d arrays. ``S`` float64 ``(N, K)``;
   ``raw`` float64 ``(N, K, M)``; ``blocks_S`` float32 ``(N, K, gh, gw)``;
   ``blocks_raw`` float32 ``(N, K, M, gh, gw)``; attributes: image ids, source
   indices, augmentations, metrics, round, shard, teacher hash.
 * ``ledger/shard_{k}.parquet`` — one row per (image, augmentation), see
   :mod:`qtlib.ledger`. Streamed batch by batch: memory does not grow with N.
+
+Images of different sizes are labeled at their own size: batches hold images of
+one size (:meth:`ImageStore.batches` buckets by shape), so nothing a metric scores
+is ever padded. Views that keep the shape (hflip, vflip) share one teacher call;
+rot90 of a non-square image is its own call. An image whose longer side exceeds
+``label.tile`` is restored tile by tile (:func:`qtlib.restore.restore_tiled`) and
+scored whole.
 """
 
 from __future__ import annotations
@@ -33,11 +44,18 @@ from qtlib import __version__
 from qtlib.augment import get_augmentations, restore_augmented
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
-from qtlib.data.store import commit_path, staging_path, remove_path
+from qtlib.data.store import commit_path, remove_path, staging_path
 from qtlib.iqa import Ensemble
 from qtlib.iqa.ensemble import EnsembleScores, split_blocks, unscorable
-from qtlib.ledger import STATUS_CONSTANT, STATUS_NAN, STATUS_NONFINITE, STATUS_OK, LedgerWriter
+from qtlib.ledger import (
+    STATUS_CONSTANT,
+    STATUS_NAN,
+    STATUS_NONFINITE,
+    STATUS_OK,
+    LedgerWriter,
+)
 from qtlib.models import load_model
+from qtlib.restore import restore_tiled
 from qtlib.runtime import file_hash, resolve_device
 from qtlib.util.checks import check_image
 
@@ -60,12 +78,18 @@ def shard_indices(n: int, shard: int, n_shards: int) -> np.ndarray:
     return np.array_split(np.arange(n), n_shards)[shard]
 
 
-def _create_store(path: Path, n: int, k: int, size: tuple[int, int], metrics: list[str],
+def _create_store(path: Path, n: int, k: int, sizes: np.ndarray, metrics: list[str],
                   grid: tuple[int, int], attrs: dict) -> zarr.Group:
-    h, w = size
     m = len(metrics)
     group = zarr.open_group(str(path), mode="w")
-    group.create_array("labels", shape=(n, k, 3, h, w), chunks=(1, k, 3, h, w), dtype="uint8")
+    if len(sizes) == 0 or (sizes == sizes[0]).all():
+        h, w = (int(v) for v in sizes[0]) if len(sizes) else (1, 1)
+        group.create_array("labels", shape=(n, k, 3, h, w), chunks=(1, k, 3, h, w), dtype="uint8")
+    else:  # images of several sizes: one single-chunk array per image (see qtlib.data.store)
+        labels = group.create_group("labels")
+        labels.attrs.update({"layout": "per_image", "sizes": sizes.tolist()})
+        for i, (h, w) in enumerate(sizes.tolist()):
+            labels.create_array(str(i), shape=(k, 3, h, w), chunks=(k, 3, h, w), dtype="uint8")
     group.create_array("S", shape=(n, k), chunks=(max(n, 1), k), dtype="float64", fill_value=np.nan)
     group.create_array("raw", shape=(n, k, m), chunks=(max(n, 1), k, m), dtype="float64", fill_value=np.nan)
     group.create_array("blocks_S", shape=(n, k, *grid), chunks=(1, k, *grid), dtype="float32", fill_value=np.nan)
@@ -137,7 +161,7 @@ def _open_staging_store(tmp: Path, prepared: ImageStore, rows: np.ndarray, augs:
              "augmentations": [a.name for a in augs], "metrics": metrics, "qtlib_version": __version__}
     tmp.parent.mkdir(parents=True, exist_ok=True)
     remove_path(tmp)
-    return _create_store(tmp, len(rows), len(augs), prepared.shape[2:], metrics, grid, attrs)
+    return _create_store(tmp, len(rows), len(augs), prepared.sizes[rows], metrics, grid, attrs)
 
 
 @dataclass(frozen=True)
@@ -145,6 +169,8 @@ class _Shard:
     """What every batch of a shard shares: the teacher call, augmentations, ensemble, output store, metadata."""
 
     restore: Callable[[torch.Tensor], torch.Tensor]
+    restore_tiled: Callable[[torch.Tensor], torch.Tensor]
+    tile: int
     augs: list
     ensemble: Ensemble
     group: zarr.Group
@@ -152,13 +178,38 @@ class _Shard:
     meta: dict
 
 
-def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, start: int) -> pd.DataFrame:
-    """Restore ``x`` under every augmentation, score labels and blocks, write store rows from ``start``.
+def restore_views(sh: _Shard, x: torch.Tensor) -> torch.Tensor:
+    """``(B, K, 3, H, W)``: every augmentation's label of a batch of one size, in input coordinates.
+
+    Square images: all views in one call (:func:`restore_augmented`). Otherwise the views
+    are grouped by their shape (hflip/vflip keep it, rot90 swaps it), one call per group.
+    Above ``tile`` px (longer side) each view of each image is restored tile by tile.
+    """
+    h, w = x.shape[-2:]
+    if sh.tile and max(h, w) > sh.tile:
+        return torch.stack([torch.stack([a.inverse(sh.restore_tiled(a.forward(img))) for a in sh.augs])
+                            for img in x])
+    if h == w:
+        return restore_augmented(sh.restore, x, sh.augs)
+    views: list[torch.Tensor | None] = [None] * len(sh.augs)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(sh.augs):
+        by_shape.setdefault(tuple(a.forward(x[:1, :1]).shape[-2:]), []).append(i)
+    b = x.shape[0]
+    for members in by_shape.values():  # the views of one group share a shape: one call
+        out = sh.restore(torch.cat([sh.augs[i].forward(x) for i in members])).split(b)
+        for i, y in zip(members, out, strict=True):
+            views[i] = sh.augs[i].inverse(y)
+    return torch.stack(views, dim=1)  # type: ignore[arg-type]
+
+
+def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, pos: np.ndarray) -> pd.DataFrame:
+    """Restore ``x`` under every augmentation, score labels and blocks, write store rows ``pos``.
 
     Returns the batch's ledger rows.
     """
     check_image(x, "x", channels=3, value_range=(0.0, 1.0))
-    pls = restore_augmented(sh.restore, x, sh.augs).clamp_(0, 1)
+    pls = restore_views(sh, x).clamp_(0, 1)
     nonfinite = ~torch.isfinite(pls).flatten(2).all(2).flatten()  # (B*K,): a NaN/inf teacher output
     q = pls.nan_to_num_(0.0).mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
     flat = q.flatten(0, 1).float().div_(255.0)
@@ -167,14 +218,21 @@ def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, s
     status = label_status(nonfinite, flat, sh.grid, scores, blocks)
     b, k, g = x.shape[0], len(sh.augs), sh.group
     metrics = list(sh.ensemble.members)
-    sl = slice(start, start + b)
-    g["labels"][sl] = q.cpu().numpy()
-    g["S"][sl] = scores.S.double().cpu().numpy().reshape(b, k)
-    g["raw"][sl] = torch.stack([scores.raw[m] for m in metrics], -1).double().cpu().numpy().reshape(b, k, -1)
-    g["blocks_S"][sl] = blocks.S.float().cpu().numpy().reshape(b, k, *sh.grid)
-    g["blocks_raw"][sl] = torch.stack([blocks.raw[m] for m in metrics], 1).float().cpu().numpy() \
-        .reshape(b, k, len(metrics), *sh.grid)
-    return _ledger_rows(ids, src, np.arange(start, start + b), [a.name for a in sh.augs], scores, blocks, metrics,
+    pixels = q.cpu().numpy()
+    if isinstance(g["labels"], zarr.Group):
+        for i, p in enumerate(pos.tolist()):
+            g["labels"][str(p)][...] = pixels[i]
+    else:
+        g["labels"].set_orthogonal_selection((pos,), pixels)
+
+    def put(name: str, values: torch.Tensor, shape: tuple[int, ...]) -> None:
+        g[name].set_orthogonal_selection((pos,), values.cpu().numpy().reshape(b, *shape))
+
+    put("S", scores.S.double(), (k,))
+    put("raw", torch.stack([scores.raw[m] for m in metrics], -1).double(), (k, len(metrics)))
+    put("blocks_S", blocks.S.float(), (k, *sh.grid))
+    put("blocks_raw", torch.stack([blocks.raw[m] for m in metrics], 1).float(), (k, len(metrics), *sh.grid))
+    return _ledger_rows(ids, src, pos, [a.name for a in sh.augs], scores, blocks, metrics,
                         sh.meta, status)
 
 
@@ -219,16 +277,19 @@ def label_shard(
             "metric_versions": json.dumps(ensemble.versions(), sort_keys=True)}
     tmp_store = staging_path(store_final)
     group = _open_staging_store(tmp_store, prepared, rows, augs, metrics, iqa_cfg.blocks, meta)
-    shard_ctx = _Shard(lambda x: model(x, model.top_score), augs, ensemble, group, tuple(iqa_cfg.blocks), meta)
+    shard_ctx = _Shard(
+        lambda x: model(x, model.top_score),
+        lambda img: restore_tiled(model, img, model.top_score, label_cfg.tile, label_cfg.tile_overlap),
+        label_cfg.tile, augs, ensemble, group, tuple(iqa_cfg.blocks), meta)
     n_nan = 0
     bs = label_cfg.batch_size
+    position = {int(r): i for i, r in enumerate(rows)}  # source row -> index in this shard's store
     try:
         with LedgerWriter(ledger_final, metrics) as writer:
-            for start in tqdm(range(0, len(rows), bs), desc=f"label r{round_} shard {shard}/{n_shards}",
-                              disable=not progress, unit="batch"):
-                batch_rows = rows[start:start + bs]
-                x = prepared.read_tensor(batch_rows).to(dev)
-                frame = _label_batch(shard_ctx, x, [prepared.ids[i] for i in batch_rows], batch_rows, start)
+            for batch_rows, x in tqdm(prepared.batches(bs, rows), desc=f"label r{round_} shard {shard}/{n_shards}",
+                                      disable=not progress, unit="batch"):
+                pos = np.asarray([position[int(r)] for r in batch_rows], dtype=np.int64)
+                frame = _label_batch(shard_ctx, x.to(dev), [prepared.ids[i] for i in batch_rows], batch_rows, pos)
                 n_nan += int((frame["status"] != STATUS_OK).sum())
                 writer.write(frame)
         commit_path(tmp_store, store_final)

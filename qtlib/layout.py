@@ -12,6 +12,7 @@ the results folder (:data:`LABEL_STORE`), so a results folder can move.
 
     <root>/data/demo/{paired,unlabeled,test}/      generated demo images
     <root>/data/<split>/{images,degraded,clean}.zarr, manifest.parquet
+    <root>/data/leak_check.parquet                 test files found in paired/unlabeled
     <root>/pretrain/model.pt, losses.parquet
     <root>/round_<r>/labels/shard_<k>.zarr         pseudo-labels + block score maps
     <root>/round_<r>/ledger/shard_<k>.parquet      the score ledger
@@ -112,6 +113,11 @@ class Layout:
 
     def manifest(self, split: str) -> Path:
         return self.prepared(split) / "manifest.parquet"
+
+    @property
+    def leak_report(self) -> Path:
+        """Test files that are also training files (``qtlib.data.leaks``); empty when there are none."""
+        return self.root / "data" / "leak_check.parquet"
 
     # ---------------------------------------------------------------- pretraining
     @property

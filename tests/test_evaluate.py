@@ -56,7 +56,7 @@ def write_test_set(root: Path) -> Path:
     for k in range(N_IMAGES):
         write_image(root / "raw" / "clean" / f"img_{k}.png", clean[k])
         write_image(root / "raw" / "degraded" / f"img_{k}.png", degraded[k])
-    prepare_paired(root / "raw", root / "test", DataConfig(size=96, min_size=16))
+    prepare_paired(root / "raw", root / "test", DataConfig(size=96, min_size=16, geometry="square"))
     return root / "test"
 
 

@@ -23,7 +23,7 @@ from qtlib.data import (
     prepare_paired,
 )
 
-CFG = DataConfig(size=32, min_size=16)
+CFG = DataConfig(size=32, min_size=16, geometry="square")
 
 
 def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from qtlib import __version__
-from qtlib.cli import config_cmd
+from qtlib.cli import audit_cmd, config_cmd
 from qtlib.cli import degrade_cmd, demo_cmd, gate_cmd, label_cmd, prepare_cmd
 from qtlib.cli import restore_cmd
 from qtlib.cli import score_cmd, weights_cmd
@@ -22,7 +22,8 @@ from qtlib.cli.errors import UserError
 
 def _command_modules() -> list:
     """The subcommand modules, imported here so ``qt --help`` lists them all."""
-    return [config_cmd, weights_cmd, score_cmd, prepare_cmd, degrade_cmd, demo_cmd, restore_cmd, label_cmd, gate_cmd, train_cmd]
+    return [config_cmd, weights_cmd, score_cmd, prepare_cmd, degrade_cmd, demo_cmd, restore_cmd, label_cmd, gate_cmd, train_cmd,
+            audit_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

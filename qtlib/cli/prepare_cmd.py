@@ -17,8 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prepare",
         help="turn a folder of images into a Zarr store + Parquet manifest",
         description=(
-            "Read every jpg/jpeg/png/bmp/tif/tiff/webp under IN_DIR (recursive), resize the shorter side to "
-            "data.size and center-crop, and write OUT_DIR/images.zarr (N x 3 x size x size uint8) and "
+            "Read every jpg/jpeg/png/bmp/tif/tiff/webp under IN_DIR (recursive), keep each at its own size "
+            "(data.geometry native; downscaled to data.max_side when larger) or resize the shorter side to "
+            "data.size and center-crop (square), and write OUT_DIR/images.zarr (one uint8 array per image, or "
+            "N x 3 x size x size) and "
             "OUT_DIR/manifest.parquet (one row per file: id, path, sha256, size, mode, transform, index, "
             "status, message). Unusable files (empty, not_image, truncated, too_small, too_large, unreadable, ...) are "
             "skipped with a status and a one-line message naming the file; a summary closes the run. Exit status: "
@@ -31,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--paired",
         action="store_true",
-        help="IN_DIR holds degraded/ and clean/ (matched by relative path without extension): "
+        help="IN_DIR holds degraded/ and clean/ (or input/ + target/, or lq/ + gt/; matched by relative path "
+        "without extension): "
         "write degraded.zarr and clean.zarr in the same row order",
     )
     parser.add_argument(

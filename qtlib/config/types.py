@@ -31,6 +31,9 @@ class DataConfig:
     paired: str = ""
     unlabeled: str = ""
     test: str = ""
+    leaks: Literal["error", "warn"] = "error"
+    geometry: Literal["native", "square"] = "native"
+    max_side: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class LabelConfig:
     shards: int = 2
     batch_size: int = 8
     augmentations: tuple[Augmentation, ...] = ("hflip", "vflip", "rot90")
+    tile: int = 1024
+    tile_overlap: int = 32
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,8 @@ class EvaluateConfig:
     levels: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
     panel: tuple[str, ...] = ("brisque", "niqe", "piqe")
     n_examples: int = 4
+    tile: int = 1024
+    tile_overlap: int = 32
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Image intake (``qt prepare``): a folder of images -> a Zarr store + a Parquet manifest.
 
 ``prepare_images`` turns every file with an image extension under a folder into
-one manifest row, and every usable one into one row of ``images.zarr`` (RGB,
-``data.size`` square: shorter side resized to the size, bicubic and
-antialiased, then center crop). ``prepare_paired`` does the same for a
-``degraded/`` + ``clean/`` folder, with both stores in the same row order and
-geometry. Outputs are written under temp names and swapped in at the end.
+one manifest row, and every usable one into one row of ``images.zarr`` (RGB).
+Its geometry is ``data.geometry``: ``native`` keeps each image at its own size
+(downscaled to ``data.max_side`` when larger; one array per image), ``square``
+resizes the shorter side to ``data.size`` (bicubic, antialiased) and
+center-crops. ``prepare_paired`` does the same for a ``degraded/`` + ``clean/``
+folder (or an alias, :data:`PAIRED_LAYOUTS`), with both stores in the same row
+order and geometry. Outputs are written under temp names and swapped in at the end.
 """
 
 from __future__ import annotations
@@ -18,11 +20,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from qtlib.config.types import DataConfig
 from qtlib.data.decode import Decoded, fit_square
 from qtlib.data.intake import read_file
-from qtlib.data.store import StoreWriter, commit_path, staging_path, remove_path, write_parquet
+from qtlib.data.store import (
+    PerImageWriter,
+    StoreWriter,
+    commit_path,
+    remove_path,
+    staging_path,
+    write_parquet,
+)
 from qtlib.imageio import IMAGE_EXTENSIONS, list_images
 
 MANIFEST_SCHEMA = pa.schema(
@@ -48,6 +58,11 @@ PAIRED_SCHEMA = pa.schema(
         ("clean_mode", pa.string()),
     ]
 )
+
+#: The folder names of a paired set, as (degraded, clean), in the order they are looked for. The first
+#: is qtlib's own; the others are the common spellings of restoration data sets (input/target as in
+#: Snow100K-style releases, lq/gt as in BasicSR). Exactly one layout may be present under a folder.
+PAIRED_LAYOUTS: tuple[tuple[str, str], ...] = (("degraded", "clean"), ("input", "target"), ("lq", "gt"))
 
 GEOMETRY = (
     "EXIF orientation applied; converted to 8-bit RGB (alpha composited on white, 16-bit scaled by 1/257); "
@@ -105,6 +120,8 @@ def list_inputs(in_dir: Path, exclude: Path | None = None) -> list[tuple[str, Pa
 
 
 def _decode_file(path: Path, cfg: DataConfig, draft: bool) -> Decoded:
+    # Native images are decoded at full size, so the recorded transform is the only resize.
+    draft = draft and cfg.geometry == "square"
     return read_file(path, cfg.min_size, cfg.max_pixels, draft_size=2 * cfg.size if draft else None).decoded()
 
 
@@ -124,10 +141,36 @@ def _row(rel: str, shown_path: str, decoded: Decoded) -> dict[str, Any]:
     }
 
 
-def _fit(decoded: Decoded, size: int) -> tuple[np.ndarray, str]:
+def fit_native(img: Image.Image, max_side: int = 0) -> tuple[np.ndarray, str]:
+    """The image at its own size, downscaled only when its longer side exceeds ``max_side`` (0 = never).
+
+    Returns:
+        The ``(H, W, 3)`` uint8 array and the transform: ``"none"``, or e.g.
+        ``"resize 4000x3000->1600x1200 (max_side 1600, bicubic, antialiased)"``.
+    """
+    width, height = img.size
+    if not max_side or max(width, height) <= max_side:
+        return np.asarray(img, dtype=np.uint8).copy(), "none"
+    scale = max_side / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    # Pillow widens the filter support when downscaling, which is what antialiasing means here.
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return (np.asarray(img, dtype=np.uint8).copy(),
+            f"resize {width}x{height}->{new_w}x{new_h} (max_side {max_side}, bicubic, antialiased)")
+
+
+def _fit(decoded: Decoded, cfg: DataConfig) -> tuple[np.ndarray, str]:
     assert decoded.image is not None
-    array, geometry = fit_square(decoded.image, size)
+    if cfg.geometry == "native":
+        array, geometry = fit_native(decoded.image, cfg.max_side)
+    else:
+        array, geometry = fit_square(decoded.image, cfg.size)
     return array, "; ".join([*decoded.steps, geometry])
+
+
+def _writer(final: Path, capacity: int, cfg: DataConfig) -> StoreWriter | PerImageWriter:
+    """The store writer of ``data.geometry``: one N x 3 x S x S array, or one array per image."""
+    return PerImageWriter(final) if cfg.geometry == "native" else StoreWriter(final, capacity, cfg.size)
 
 
 def _flag_duplicates(rows: list[dict[str, Any]]) -> None:
@@ -151,8 +194,19 @@ def _empty_message(in_dir: Path, rows: list[dict[str, Any]]) -> str:
     return f"{in_dir}: no usable images among {len(rows)} files ({summary}); e.g. {examples}"
 
 
+NATIVE_GEOMETRY = (
+    "EXIF orientation applied; converted to 8-bit RGB (alpha composited on white, 16-bit scaled by 1/257); "
+    "native size, or longer side resized to max_side when larger (Pillow bicubic, antialiased); no crop"
+)
+
+
 def _store_attributes(cfg: DataConfig, source: str) -> dict[str, Any]:
-    return {"transform": {"size": cfg.size, "min_size": cfg.min_size, "steps": GEOMETRY}, "source": source}
+    if cfg.geometry == "native":
+        transform = {"geometry": "native", "max_side": cfg.max_side, "min_size": cfg.min_size,
+                     "steps": NATIVE_GEOMETRY}
+    else:
+        transform = {"geometry": "square", "size": cfg.size, "min_size": cfg.min_size, "steps": GEOMETRY}
+    return {"transform": transform, "source": source}
 
 
 def prepare_images(in_dir: str | Path, out_dir: str | Path, cfg: DataConfig) -> PrepareResult:
@@ -176,14 +230,14 @@ def prepare_images(in_dir: str | Path, out_dir: str | Path, cfg: DataConfig) -> 
         raise NoUsableImagesError(f"{in_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found (recursive)")
     out_dir.mkdir(parents=True, exist_ok=True)
     store, manifest = out_dir / "images.zarr", out_dir / "manifest.parquet"
-    writer = StoreWriter(store, len(files), cfg.size)
+    writer = _writer(store, len(files), cfg)
     try:
         rows = []
         for rel, path in files:
             decoded = _decode_file(path, cfg, draft=True)
             rows.append(_row(rel, rel, decoded))
             if decoded.status == "ok":
-                array, rows[-1]["transform"] = _fit(decoded, cfg.size)
+                array, rows[-1]["transform"] = _fit(decoded, cfg)
                 rows[-1]["index"] = writer.append(rows[-1]["id"], array)
         if not writer.ids:
             raise NoUsableImagesError(_empty_message(in_dir, rows))
@@ -221,12 +275,34 @@ def _group(files: list[tuple[str, Path]]) -> dict[str, list[tuple[str, Path]]]:
     return groups
 
 
-def match_pairs(degraded: list[tuple[str, Path]], clean: list[tuple[str, Path]] | None) -> list[_Pair]:
+def paired_layout(in_dir: str | Path) -> tuple[str, str]:
+    """The (degraded, clean) folder names of a paired set: the one :data:`PAIRED_LAYOUTS` entry whose
+    degraded folder exists under ``in_dir``.
+
+    Raises:
+        FileNotFoundError: none is present (the message lists every accepted layout).
+        ValueError: more than one is present (which one is meant is not guessed).
+    """
+    in_dir = Path(in_dir)
+    found = [(d, c) for d, c in PAIRED_LAYOUTS if (in_dir / d).is_dir()]
+    accepted = ", ".join(f"{d}/ + {c}/" for d, c in PAIRED_LAYOUTS)
+    if not found:
+        raise FileNotFoundError(f"{in_dir}: no paired layout found; expected one of {accepted}")
+    if len(found) > 1:
+        names = ", ".join(f"{d}/" for d, _ in found)
+        raise ValueError(f"{in_dir}: several paired layouts at once ({names}); keep one of {accepted}")
+    return found[0]
+
+
+def match_pairs(degraded: list[tuple[str, Path]], clean: list[tuple[str, Path]] | None,
+                names: tuple[str, str] = PAIRED_LAYOUTS[0]) -> list[_Pair]:
     """Match degraded and clean files by relative path without extension (``a/x.jpg`` <-> ``a/x.png``).
 
-    ``clean=None`` means there is no ``clean/`` folder (a test set without ground
-    truth): every degraded file is a pair of its own.
+    ``clean=None`` means there is no clean folder (a test set without ground
+    truth): every degraded file is a pair of its own. ``names`` are the two folder
+    names, for the messages.
     """
+    deg_name, clean_name = names
     if clean is None:
         return [_Pair(item, None) for item in degraded]
     deg_groups, clean_groups = _group(degraded), _group(clean)
@@ -238,9 +314,9 @@ def match_pairs(degraded: list[tuple[str, Path]], clean: list[tuple[str, Path]] 
             pairs += [_Pair(item, None, "ambiguous", f"one name, several files: {names}") for item in d]
             pairs += [_Pair(None, item, "ambiguous", f"one name, several files: {names}") for item in c if not d]
         elif not c:
-            pairs.append(_Pair(d[0], None, "no_clean", f"no clean/{key}.* for this degraded image"))
+            pairs.append(_Pair(d[0], None, "no_clean", f"no {clean_name}/{key}.* for this degraded image"))
         elif not d:
-            pairs.append(_Pair(None, c[0], "no_degraded", f"no degraded/{key}.* for this clean image"))
+            pairs.append(_Pair(None, c[0], "no_degraded", f"no {deg_name}/{key}.* for this clean image"))
         else:
             pairs.append(_Pair(d[0], c[0]))
     return pairs
@@ -263,12 +339,12 @@ def _pair_status(pair: _Pair, deg: Decoded | None, cln: Decoded | None) -> tuple
     return "ok", ""
 
 
-def _paired_row(pair: _Pair, deg: Decoded | None, cln: Decoded | None) -> dict[str, Any]:
+def _paired_row(pair: _Pair, deg: Decoded | None, cln: Decoded | None, names: tuple[str, str]) -> dict[str, Any]:
     main = deg if deg is not None else cln
     assert main is not None
     rel = pair.degraded[0] if pair.degraded else pair.clean[0]  # type: ignore[index]
-    row = _row(rel, f"degraded/{rel}" if pair.degraded else "", main)
-    row["clean_path"] = f"clean/{pair.clean[0]}" if pair.clean else ""
+    row = _row(rel, f"{names[0]}/{rel}" if pair.degraded else "", main)
+    row["clean_path"] = f"{names[1]}/{pair.clean[0]}" if pair.clean else ""
     row["clean_sha256"] = cln.sha256 if cln else ""
     row["clean_mode"] = cln.mode if cln else ""
     row["status"], row["message"] = _pair_status(pair, deg, cln)
@@ -279,6 +355,9 @@ def prepare_paired(
     in_dir: str | Path, out_dir: str | Path, cfg: DataConfig, require_clean: bool = True
 ) -> PairedResult:
     """Turn ``IN/degraded`` + ``IN/clean`` into ``OUT/degraded.zarr``, ``OUT/clean.zarr`` and a manifest.
+
+    The folders may also be named ``input/`` + ``target/`` or ``lq/`` + ``gt/``
+    (:data:`PAIRED_LAYOUTS`); the manifest's paths keep the names found.
 
     Files are matched by relative path without extension; both images of a pair
     must have the same size and get the same geometry, and row ``i`` of both
@@ -301,21 +380,23 @@ def prepare_paired(
         NoUsableImagesError: no usable pair.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    has_clean = (in_dir / "clean").is_dir()
+    layout = paired_layout(in_dir)
+    deg_name, clean_name = layout
+    has_clean = (in_dir / clean_name).is_dir()
     if require_clean and not has_clean:
-        raise FileNotFoundError(f"{in_dir}: expected degraded/ and clean/ folders; clean/ is missing")
-    degraded = list_inputs(in_dir / "degraded", exclude=out_dir)
-    clean = list_inputs(in_dir / "clean", exclude=out_dir) if has_clean else None
-    pairs = match_pairs(degraded, clean)
+        raise FileNotFoundError(f"{in_dir}: expected {deg_name}/ and {clean_name}/ folders; {clean_name}/ is missing")
+    degraded = list_inputs(in_dir / deg_name, exclude=out_dir)
+    clean = list_inputs(in_dir / clean_name, exclude=out_dir) if has_clean else None
+    pairs = match_pairs(degraded, clean, layout)
     if not pairs:
-        raise NoUsableImagesError(f"{in_dir}/degraded: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise NoUsableImagesError(f"{in_dir}/{deg_name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"degraded": out_dir / "degraded.zarr", "clean": out_dir / "clean.zarr"}
     manifest = out_dir / "manifest.parquet"
     names = ["degraded", "clean"] if has_clean else ["degraded"]
-    writers = {name: StoreWriter(paths[name], len(pairs), cfg.size) for name in names}
+    writers = {name: _writer(paths[name], len(pairs), cfg) for name in names}
     try:
-        rows = [_prepare_pair(pair, cfg, writers) for pair in pairs]
+        rows = [_prepare_pair(pair, cfg, writers, layout) for pair in pairs]
         if not writers["degraded"].ids:
             raise NoUsableImagesError(_empty_message(in_dir, rows))
         _flag_duplicates(rows)
@@ -337,17 +418,18 @@ def prepare_paired(
     return PairedResult(n_ok, len(rows) - n_ok, paths["degraded"], clean_store, manifest, counts)
 
 
-def _prepare_pair(pair: _Pair, cfg: DataConfig, writers: dict[str, StoreWriter]) -> dict[str, Any]:
+def _prepare_pair(pair: _Pair, cfg: DataConfig, writers: dict[str, StoreWriter],
+                  names: tuple[str, str]) -> dict[str, Any]:
     """Decode one pair, write it to the stores if usable, return its manifest row."""
     deg = _decode_file(pair.degraded[1], cfg, draft=False) if pair.degraded else None
     cln = _decode_file(pair.clean[1], cfg, draft=False) if pair.clean else None
-    row = _paired_row(pair, deg, cln)
+    row = _paired_row(pair, deg, cln, names)
     if row["status"] != "ok":
         return row
     assert deg is not None
-    array, row["transform"] = _fit(deg, cfg.size)
+    array, row["transform"] = _fit(deg, cfg)
     row["index"] = writers["degraded"].append(row["id"], array)
     if cln is not None:
-        clean_array, _ = _fit(cln, cfg.size)
+        clean_array, _ = _fit(cln, cfg)
         writers["clean"].append(row["id"], clean_array)
     return row

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 import zarr
 
+from qtlib.data.store import ImageStore, LabelStore
 from qtlib.train.losses import block_weight_map
 
 Method = Literal["qualiteacher", "plain_mt", "filter_mt"]
@@ -148,13 +149,23 @@ def steps_per_epoch(n_samples: int, global_batch: int) -> int:
 
 
 def draw_epoch_plan(
-    n_samples: int, global_batch: int, image_size: tuple[int, int], patch: int, crop: int,
+    n_samples: int, global_batch: int, image_size: tuple[int, int] | np.ndarray, patch: int, crop: int,
     low_levels: Sequence[float], seed: int, round_: int, epoch: int,
 ) -> EpochPlan:
-    """Draw all random choices of an epoch from a generator seeded by (seed, round, epoch)."""
-    h, w = image_size
-    if patch > min(h, w):
-        raise ValueError(f"patch_size: {patch} px does not fit the {h}x{w} images")
+    """Draw all random choices of an epoch from a generator seeded by (seed, round, epoch).
+
+    Args:
+        image_size: ``(H, W)`` of every image, or an ``(n_samples, 2)`` array of each sample's
+            image size (native-size data); a patch position is then uniform over its own image.
+    """
+    sizes = np.asarray(image_size, dtype=np.int64)
+    per_sample = sizes.ndim == 2
+    if per_sample and sizes.shape != (n_samples, 2):
+        raise ValueError(f"image_size: expected (H, W) or ({n_samples}, 2) sizes, got {sizes.shape}")
+    small = int(sizes.min()) if sizes.size else 0
+    if patch > small:
+        where = "the smallest image side" if per_sample else f"the {sizes[0]}x{sizes[1]} images"
+        raise ValueError(f"patch_size: {patch} px does not fit {where} ({small} px)")
     if not 0 < crop <= patch:
         raise ValueError(f"cropped window: expected 0 < {crop} <= patch {patch}")
     if not low_levels:
@@ -164,7 +175,12 @@ def draw_epoch_plan(
     slots = steps * global_batch
     perm = rng.permutation(n_samples)
     sample = np.resize(perm, slots)  # repeats the permutation's head to fill the last batch
-    patch_yx = np.stack([rng.integers(0, h - patch + 1, slots), rng.integers(0, w - patch + 1, slots)], 1)
+    if per_sample:  # uniform over each sample's own image: floor(u * number of positions)
+        room = sizes[sample] - patch + 1
+        patch_yx = np.minimum(np.floor(rng.random((slots, 2)) * room).astype(np.int64), room - 1)
+    else:  # one size for all: the draws of fixed-size runs, unchanged
+        h, w = (int(v) for v in sizes)
+        patch_yx = np.stack([rng.integers(0, h - patch + 1, slots), rng.integers(0, w - patch + 1, slots)], 1)
     low = np.asarray(low_levels, dtype=np.float32)[rng.integers(0, len(low_levels), slots)]
     crop_yx = rng.integers(0, patch - crop + 1, (slots, 2))
     return EpochPlan(epoch, steps, global_batch, sample, patch_yx, low, crop_yx)
@@ -214,44 +230,74 @@ def _to_float(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).float().div_(255.0)
 
 
+def _nearest_index(start: int, length: int, n_in: int, n_out: int) -> np.ndarray:
+    """Source indices of output pixels ``start .. start+length-1`` of a nearest upsampling ``n_in -> n_out``,
+    computed as PyTorch's ``interpolate(mode="nearest")`` does (float32 scale, floor, clamp)."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    dst = np.arange(start, start + length, dtype=np.float32)
+    return np.minimum(np.floor(dst * scale).astype(np.int64), n_in - 1)
+
+
+def block_weight_window(blocks: np.ndarray, size: tuple[int, int], top: int, left: int, patch: int) -> torch.Tensor:
+    """The ``(1, patch, patch)`` window at (top, left) of :func:`block_weight_map` of one image of ``size``.
+
+    Equal to cropping the full-size map, without building it (a native image may have 10^7 pixels).
+
+    Args:
+        blocks: ``(gh, gw)`` block scores of one label.
+        size: (H, W) of the full image.
+    """
+    gh, gw = blocks.shape
+    w = block_weight_map(torch.from_numpy(np.asarray(blocks, dtype=np.float32)[None]), (gh, gw))[0, 0]
+    rows = _nearest_index(top, patch, gh, size[0])
+    cols = _nearest_index(left, patch, gw, size[1])
+    return w[torch.from_numpy(rows)][:, torch.from_numpy(cols)][None]
+
+
 class BankReader:
     """Reads batches of (degraded input patch, PL patch, weight patch) for plan slots.
 
+    Images may differ in size (native-size data): each sample's patch is cut at the same
+    place from its image, its PL (stored at the image's size) and its block-weight map.
+
     Args:
         samples: the training samples.
-        images: the unlabeled ``images.zarr`` (N x 3 x H x W uint8).
+        images: the unlabeled ``images.zarr`` (either layout of :mod:`qtlib.data.store`).
         results_dir: the folder the bank's ``store`` paths are relative to.
         patch: patch side P.
     """
 
     def __init__(self, samples: TrainSamples, images: str | Path, results_dir: str | Path, patch: int) -> None:
         self.samples = samples
-        self.images = open_uint8(images, 4, "images")
+        self.images = ImageStore(images)
         self.results_dir = Path(results_dir)
         self.patch = patch
-        self._labels: dict[str, zarr.Array] = {}
-        if int(samples.source_index.max()) >= self.images.shape[0]:
+        self._labels: dict[str, LabelStore] = {}
+        if int(samples.source_index.max()) >= len(self.images):
             raise ValueError(f"bank: source_index {int(samples.source_index.max())} is beyond the "
-                             f"{self.images.shape[0]} rows of {images}")
-        self.grid = {}
-        for store in sorted(set(samples.store)):
-            labels = self._store(store)
-            if labels.shape[-2:] != self.images.shape[-2:]:
-                raise ValueError(f"label store {store}: labels are {labels.shape[-2:]} px, the images "
-                                 f"{self.images.shape[-2:]}")
-            self.grid[store] = tuple(zarr.open_group(str(self.results_dir / store), mode="r")["blocks_S"].shape[-2:])
+                             f"{len(self.images)} rows of {images}")
+        self.sizes = self.images.sizes[samples.source_index]
+        for i in range(len(samples)):
+            got = self._store(samples.store[i]).size_of(int(samples.index[i]))
+            if got != tuple(int(v) for v in self.sizes[i]):
+                raise ValueError(f"label store {samples.store[i]}: label {int(samples.index[i])} is {got} px, its "
+                                 f"image {samples.image_id[i]} {tuple(self.sizes[i])}")
+        self.grid = {store: self._store(store).grid for store in sorted(set(samples.store))}
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return tuple(self.images.shape[-2:])
+    def image_size(self) -> tuple[int, int] | np.ndarray:
+        """(H, W) when every image has one size, else each sample's (H, W) as an ``(n, 2)`` array."""
+        if (self.sizes == self.sizes[0]).all():
+            return tuple(int(v) for v in self.sizes[0])
+        return self.sizes
 
-    def _store(self, store: str) -> zarr.Array:
+    def _store(self, store: str) -> LabelStore:
         if store not in self._labels:
             path = self.results_dir / store
             if not path.is_dir():
                 raise FileNotFoundError(f"label store {path}: not found (bank 'store' paths are relative to "
                                         f"--results-dir {self.results_dir})")
-            self._labels[store] = open_uint8(path / "labels", 5, "label store")
+            self._labels[store] = LabelStore(path)
         return self._labels[store]
 
     def read(self, plan: EpochPlan, slots: np.ndarray) -> Batch:
@@ -261,12 +307,12 @@ class BankReader:
         idx = plan.sample[slots]
         xs, ts, ws = [], [], []
         for i, (top, left) in zip(idx, plan.patch_yx[slots], strict=True):
-            win = (slice(top, top + p), slice(left, left + p))
-            xs.append(self.images[int(s.source_index[i]), :, win[0], win[1]])
-            ts.append(self._store(s.store[i])[int(s.index[i]), int(s.aug_index[i]), :, win[0], win[1]])
+            top, left = int(top), int(left)
+            xs.append(self.images.read_window(int(s.source_index[i]), top, left, p, p))
+            ts.append(self._store(s.store[i]).window(int(s.index[i]), int(s.aug_index[i]), top, left, p, p))
             gh, gw = self.grid[s.store[i]]
-            full = block_weight_map(torch.from_numpy(s.blocks[i].reshape(1, gh, gw)), self.image_size)
-            ws.append(full[0, :, win[0], win[1]])
+            size = (int(self.sizes[i][0]), int(self.sizes[i][1]))
+            ws.append(block_weight_window(s.blocks[i].reshape(gh, gw), size, top, left, p))
         return Batch(
             x=_to_float(np.stack(xs)),
             target=_to_float(np.stack(ts)),
@@ -280,32 +326,37 @@ class BankReader:
 
 
 class PairedReader:
-    """Random aligned crops from a prepared paired folder (``degraded.zarr`` + ``clean.zarr``)."""
+    """Random aligned crops from a prepared paired folder (``degraded.zarr`` + ``clean.zarr``, either layout)."""
 
     def __init__(self, paired_dir: str | Path, patch: int) -> None:
         paired_dir = Path(paired_dir)
-        self.degraded = open_uint8(paired_dir / "degraded.zarr", 4, "paired")
-        self.clean = open_uint8(paired_dir / "clean.zarr", 4, "paired")
-        if self.degraded.shape != self.clean.shape:
-            raise ValueError(f"{paired_dir}: degraded.zarr {self.degraded.shape} and clean.zarr "
-                             f"{self.clean.shape} differ")
-        h, w = self.degraded.shape[-2:]
-        if patch > min(h, w):
-            raise ValueError(f"patch_size: {patch} px does not fit the {h}x{w} paired images")
+        self.degraded = ImageStore(paired_dir / "degraded.zarr")
+        self.clean = ImageStore(paired_dir / "clean.zarr")
+        if self.degraded.ids != self.clean.ids or not np.array_equal(self.degraded.sizes, self.clean.sizes):
+            raise ValueError(f"{paired_dir}: degraded.zarr and clean.zarr differ (ids or sizes)")
+        small = int(self.degraded.sizes.min())
+        if patch > small:
+            raise ValueError(f"patch_size: {patch} px does not fit the paired images (smallest side {small} px)")
         self.patch = patch
+        self.uniform = self.degraded.uniform
 
     def __len__(self) -> int:
-        return int(self.degraded.shape[0])
+        return len(self.degraded)
 
     def read(self, seed: int, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of pretraining step ``step``: rows and offsets drawn from (seed, step) alone."""
         rng = seed_for(seed, step, 11)
         n, p = len(self), self.patch
-        h, w = self.degraded.shape[-2:]
         rows = rng.permutation(n)[:batch] if batch <= n else rng.integers(0, n, batch)
-        tops, lefts = rng.integers(0, h - p + 1, batch), rng.integers(0, w - p + 1, batch)
+        if self.uniform:  # the draws of fixed-size runs, unchanged
+            h, w = self.degraded.size_of(0)
+            tops, lefts = rng.integers(0, h - p + 1, batch), rng.integers(0, w - p + 1, batch)
+        else:  # uniform over each row's own image
+            room = self.degraded.sizes[rows] - p + 1
+            yx = np.minimum(np.floor(rng.random((batch, 2)) * room).astype(np.int64), room - 1)
+            tops, lefts = yx[:, 0], yx[:, 1]
         xs, ys = [], []
         for r, t, left in zip(rows, tops, lefts, strict=True):
-            xs.append(self.degraded[int(r), :, t:t + p, left:left + p])
-            ys.append(self.clean[int(r), :, t:t + p, left:left + p])
+            xs.append(self.degraded.read_window(int(r), int(t), int(left), p, p))
+            ys.append(self.clean.read_window(int(r), int(t), int(left), p, p))
         return _to_float(np.stack(xs)), _to_float(np.stack(ys))

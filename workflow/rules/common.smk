@@ -1,7 +1,8 @@
 # Input functions, paths, config slices and wildcard constraints shared by all rules.
 # Every path comes from qtlib.layout.Layout: the one definition of the results layout.
 from qtlib.config import canonical_json, config_from_dict
-from qtlib.layout import Layout
+from qtlib.config.loader import to_dict
+from qtlib.layout import SPLITS, Layout
 
 CFG = config_from_dict(config, source="snakemake config")
 L = Layout(CFG.results_dir)
@@ -15,19 +16,32 @@ wildcard_constraints:
     k=r"0|[1-9][0-9]*",
 
 
-def slice_json(*names):
-    """Canonical JSON of config sections: a rule's params, so editing them reruns exactly that rule."""
-    return canonical_json({n: getattr(CFG, n) for n in names})
+def slice_json(*names, split=None):
+    """Canonical JSON of config sections: a rule's params, so editing them reruns exactly that rule.
+
+    With ``split`` (paired, unlabeled or test), the ``data`` section keeps that split's source folder
+    and drops the other two, so a new path for one split reruns only that split's prepare.
+    """
+    sections = {n: to_dict(getattr(CFG, n)) for n in names}
+    if split is not None and "data" in sections:
+        sections["data"] = {k: v for k, v in sections["data"].items() if k not in SPLITS or k == split}
+    return canonical_json(sections)
 
 
-def use_demo():
-    return not (CFG.data.paired and CFG.data.unlabeled and CFG.data.test)
+def uses_demo(split):
+    """True when ``data.<split>`` is empty: that split (and only it) comes from the generated demo."""
+    return not getattr(CFG.data, split)
 
 
-def source_dir(kind):
-    """Folder of raw images for paired / unlabeled / test: the user's, or the generated demo."""
-    given = getattr(CFG.data, kind)
-    return given if given else str(L.demo_split(kind))
+def source_dir(split):
+    """Folder of raw images for paired / unlabeled / test: the user's, or the generated demo's."""
+    return str(L.demo_split(split)) if uses_demo(split) else getattr(CFG.data, split)
+
+
+def source_input(split):
+    """A prepare rule's input: the user's folder (a new path or new files rerun it), or the whole demo
+    folder, which is the output of rule demo_data (so the demo is built only when a split needs it)."""
+    return str(L.demo) if uses_demo(split) else getattr(CFG.data, split)
 
 
 def teacher_of(wildcards):

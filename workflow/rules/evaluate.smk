@@ -8,6 +8,7 @@ rule evaluate:
         student=str(L.student(R - 1)),
         teacher=str(L.teacher(R - 1)),
         test=str(L.degraded("test")),
+        leaks=ancient(str(L.leak_report)),  # the leak check passed (see data.smk)
         ledgers=[str(L.ledger(r, k)) for r in range(R) for k in range(K)],
         gates=[str(L.gate(r)) for r in range(R)],
         banks=[str(L.bank(r)) for r in range(R)],

@@ -4,6 +4,7 @@
 rule pretrain:
     input:
         paired=str(L.degraded("paired")),
+        leaks=ancient(str(L.leak_report)),  # the leak check passed (see data.smk)
     output:
         model=str(L.pretrained),
         losses=str(L.pretrain_losses),
