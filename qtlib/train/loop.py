@@ -50,6 +50,7 @@ from qtlib.train.step import TERMS, RewardFn, StepContext, StudentPasses, Switch
 _log = logging.getLogger(__name__)
 
 #: Columns of the per-step loss log; term values are unweighted batch means averaged over ranks (NaN = off).
+#: No wall time: the log is a pure function of seed, config and inputs, so reruns and resumes give equal bytes.
 LOG_SCHEMA = pa.schema(
     [
         pa.field("round", pa.int32(), nullable=False),
@@ -67,7 +68,6 @@ LOG_SCHEMA = pa.schema(
         pa.field("reward_low", pa.float64()),
         pa.field("sup", pa.float64()),
         pa.field("lr", pa.float64()),
-        pa.field("seconds", pa.float64()),
     ],
     metadata={"qtlib.table": "train_log"},
 )
@@ -257,7 +257,7 @@ def _paired_reader(spec: RoundSpec) -> PairedReader | None:
 
 def _one_step(r: _Round, st: TrainState, plan: EpochPlan, epoch: int, in_epoch: int) -> None:
     """Read this rank's batch, train, update the EMA teacher, log the rank-averaged terms."""
-    tc, t = r.spec.train, time.perf_counter()
+    tc = r.spec.train
     batch = r.reader.read(plan, rank_slots(in_epoch, r.world.rank, r.world.size, tc.batch_size))
     if r.paired is not None:  # drawn from (seed, round, rank, global step) alone, so resume stays exact
         sup_x, sup_y = r.paired.read(process_seed(r.spec.seed, r.spec.round, r.world.rank), st.global_step,
@@ -269,8 +269,7 @@ def _one_step(r: _Round, st: TrainState, plan: EpochPlan, epoch: int, in_epoch: 
     values = torch.tensor([out.terms[k] for k in TERMS], dtype=torch.float64, device=r.world.device)
     values = ddp.all_reduce_mean(values, r.world)
     st.log.append({"round": r.spec.round, "epoch": epoch, "step": st.step, "global_step": st.global_step,
-                   **dict(zip(TERMS, values.tolist(), strict=True)), "lr": r.opt.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - t})
+                   **dict(zip(TERMS, values.tolist(), strict=True)), "lr": r.opt.param_groups[0]["lr"]})
     st.step += 1
     st.global_step += 1
 

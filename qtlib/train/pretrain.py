@@ -48,7 +48,6 @@ PRETRAIN_LOG_SCHEMA = pa.schema(
         pa.field("loss", pa.float64()),
         pa.field("l1", pa.float64()),
         pa.field("per", pa.float64()),
-        pa.field("seconds", pa.float64()),
     ],
     metadata={"qtlib.table": "pretrain_log"},
 )
@@ -163,10 +162,9 @@ def _pretrain(run: _PretrainRun, losses: str | Path | None, resume: bool | Path,
     stop = pc.steps if stop_after is None else min(pc.steps, st.step + stop_after)
     model.train()
     for _ in tqdm(range(st.step, stop), initial=st.step, total=stop, desc="pretrain", unit="step", mininterval=2.0):
-        t = time.perf_counter()
         x, y = (v.to(dev) for v in reader.read(run.seed, st.step, pc.batch_size))
         terms = pretrain_step(net, opt, x, y, perceptual, pc.perceptual_weight, run.compute.bf16)
-        st.log.append({"step": st.step, **terms, "seconds": time.perf_counter() - t})
+        st.log.append({"step": st.step, **terms})
         st.step += 1
         if st.step < pc.steps and st.step % pc.checkpoint_every == 0:
             save_step(run.out, run.model_cfg, model, opt, st, 0)
