@@ -17,6 +17,7 @@ import torch
 
 from qtlib.config import Config, config_from_dict
 from qtlib.lease import lease_gpus
+from qtlib.util.atomic import remove_stale_temps
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,17 @@ class JobContext:
 
 @contextlib.contextmanager
 def job(snakemake: Any, gpus: int = 0) -> Iterator[JobContext]:
-    """Redirect output to the rule's log, validate the config, lease ``gpus`` devices (CPU if none)."""
+    """Redirect output to the rule's log, validate the config, clear temporaries a killed earlier attempt
+    left beside the outputs, lease ``gpus`` devices (CPU if none)."""
     log_path = Path(snakemake.log[0])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         logging.basicConfig(stream=fh, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             force=True)
         cfg = config_from_dict(dict(snakemake.config), source="snakemake config")
+        for out in snakemake.output:  # a killed earlier attempt of this job may have left temporaries
+            for stale in remove_stale_temps(out):
+                logging.getLogger("qtlib").info("removed %s, left by an interrupted earlier run", stale)
         # Small tensors on a busy machine: oversubscribed thread pools are many times slower.
         torch.set_num_threads(max(1, int(snakemake.threads)))
         n = gpus if cfg.device != "cpu" else 0

@@ -18,6 +18,7 @@ from qtlib.util.atomic import (
     discard,
     make_temp,
     remove_path,
+    remove_stale_temps,
     replace_dir,
 )
 
@@ -141,3 +142,17 @@ def test_remove_path(tmp_path: Path) -> None:
     for name in ("d", "f", "missing"):
         remove_path(tmp_path / name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_stale_temps_clears_what_a_killed_writer_left(tmp_path: Path) -> None:
+    out = tmp_path / "shard_0.parquet"
+    left = [make_temp(out), tmp_path / ".shard_0.parquet.partial", tmp_path / ".shard_0.parquet.old"]
+    left[1].write_bytes(b"x")
+    left[2].mkdir()
+    keep = [out, tmp_path / "shard_0.parquet.partial", tmp_path / ".shard_1.parquet.abcdefgh.tmp",
+            tmp_path / ".shard_0.parquet"]  # the output, a step checkpoint, another output's temp, no suffix
+    for p in keep:
+        p.write_bytes(b"y")
+    assert sorted(remove_stale_temps(out)) == sorted(left)
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
+    assert remove_stale_temps(tmp_path / "missing" / "x.pt") == []

@@ -127,8 +127,9 @@ def validate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(full), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        lines = "\n".join(f"  - {_format_error(e, schema)}" for e in errors)
-        raise ConfigError(f"{source}: invalid configuration\n{lines}")
+        # one line per problem, each naming the source: a single mistake is a single line
+        messages = [m for e in errors for m in _format_error(e, schema).splitlines()]
+        raise ConfigError("\n".join(f"{source}: {m}" for m in messages))
     return full
 
 
@@ -158,6 +159,8 @@ def _build(tp: Any, value: Any) -> Any:
         return _build(non_literal[0], value)
     if tp is float:
         return float(value)
+    if tp is int:  # JSON-Schema's "integer" admits 2.0; the dataclass field is an int
+        return int(value)
     return value
 
 

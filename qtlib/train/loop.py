@@ -30,9 +30,20 @@ from qtlib.config.loader import to_dict
 from qtlib.config.types import ComputeConfig, IQAConfig, ModelConfig, TrainConfig
 from qtlib.layout import portable, step_checkpoint
 from qtlib.ledger import write_table
-from qtlib.models import EMA, Checkpoint, Restorer, build_model, capture_rng_state, load_checkpoint, save_checkpoint
+from qtlib.models import (
+    EMA,
+    Checkpoint,
+    Restorer,
+    build_model,
+    capture_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+)
 from qtlib.runtime import file_hash, resolve_device
 from qtlib.train import ddp
+from qtlib.train.compute import determinism as determinism_switch
+from qtlib.train.compute import process_seed, seed_everything
+from qtlib.train.guard import NonFiniteGuard
 from qtlib.train.samples import (
     BankReader,
     EpochPlan,
@@ -42,15 +53,28 @@ from qtlib.train.samples import (
     rank_slots,
     steps_per_epoch,
 )
-from qtlib.train.compute import determinism as determinism_switch
-from qtlib.train.compute import process_seed, seed_everything
-from qtlib.train.state import Resume, TrainState, find_resume, fingerprint, resume_into, save_step
-from qtlib.train.step import TERMS, RewardFn, StepContext, StudentPasses, Switches, build_step_context, train_step
-from qtlib.train.guard import NonFiniteGuard
+from qtlib.train.state import (
+    Resume,
+    TrainState,
+    find_resume,
+    fingerprint,
+    resume_into,
+    save_step,
+)
+from qtlib.train.step import (
+    TERMS,
+    RewardFn,
+    StepContext,
+    StudentPasses,
+    Switches,
+    build_step_context,
+    train_step,
+)
 
 _log = logging.getLogger(__name__)
 
 #: Columns of the per-step loss log; term values are unweighted batch means averaged over ranks (NaN = off).
+#: No wall time: the log is a pure function of seed, config and inputs, so reruns and resumes give equal bytes.
 LOG_SCHEMA = pa.schema(
     [
         pa.field("round", pa.int32(), nullable=False),
@@ -68,7 +92,6 @@ LOG_SCHEMA = pa.schema(
         pa.field("reward_low", pa.float64()),
         pa.field("sup", pa.float64()),
         pa.field("lr", pa.float64()),
-        pa.field("seconds", pa.float64()),
     ],
     metadata={"qtlib.table": "train_log"},
 )
@@ -260,7 +283,7 @@ def _paired_reader(spec: RoundSpec) -> PairedReader | None:
 
 def _one_step(r: _Round, st: TrainState, plan: EpochPlan, epoch: int, in_epoch: int) -> None:
     """Read this rank's batch, train, update the EMA teacher, log the rank-averaged terms."""
-    tc, t = r.spec.train, time.perf_counter()
+    tc = r.spec.train
     batch = r.reader.read(plan, rank_slots(in_epoch, r.world.rank, r.world.size, tc.batch_size))
     if r.paired is not None:  # drawn from (seed, round, rank, global step) alone, so resume stays exact
         sup_x, sup_y = r.paired.read(process_seed(r.spec.seed, r.spec.round, r.world.rank), st.global_step,
@@ -274,8 +297,7 @@ def _one_step(r: _Round, st: TrainState, plan: EpochPlan, epoch: int, in_epoch: 
     values = torch.tensor([out.terms[k] for k in TERMS], dtype=torch.float64, device=r.world.device)
     values = ddp.all_reduce_mean(values, r.world)
     st.log.append({"round": r.spec.round, "epoch": epoch, "step": st.step, "global_step": st.global_step,
-                   **dict(zip(TERMS, values.tolist(), strict=True)), "lr": r.opt.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - t})
+                   **dict(zip(TERMS, values.tolist(), strict=True)), "lr": r.opt.param_groups[0]["lr"]})
     st.step += 1
     st.global_step += 1
 

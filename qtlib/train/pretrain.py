@@ -33,13 +33,19 @@ from qtlib.layout import portable, step_checkpoint
 from qtlib.ledger import write_table
 from qtlib.models import Checkpoint, build_model, capture_rng_state, save_checkpoint
 from qtlib.runtime import resolve_device
-from qtlib.train.samples import PairedReader
-from qtlib.train.losses import weighted_l1
-from qtlib.train.perceptual import build_perceptual, resolve_perceptual
 from qtlib.train.compute import autocast, seed_everything
 from qtlib.train.compute import determinism as determinism_switch
-from qtlib.train.state import TrainState, find_resume, fingerprint, resume_into, save_step
 from qtlib.train.guard import NonFiniteGuard, step_if_finite
+from qtlib.train.losses import weighted_l1
+from qtlib.train.perceptual import build_perceptual, resolve_perceptual
+from qtlib.train.samples import PairedReader
+from qtlib.train.state import (
+    TrainState,
+    find_resume,
+    fingerprint,
+    resume_into,
+    save_step,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -49,7 +55,6 @@ PRETRAIN_LOG_SCHEMA = pa.schema(
         pa.field("loss", pa.float64()),
         pa.field("l1", pa.float64()),
         pa.field("per", pa.float64()),
-        pa.field("seconds", pa.float64()),
     ],
     metadata={"qtlib.table": "pretrain_log"},
 )
@@ -165,11 +170,10 @@ def _pretrain(run: _PretrainRun, losses: str | Path | None, resume: bool | Path,
     model.train()
     guard = NonFiniteGuard(pc.max_nonfinite_steps, "pretrain")
     for _ in tqdm(range(st.step, stop), initial=st.step, total=stop, desc="pretrain", unit="step", mininterval=2.0):
-        t = time.perf_counter()
         x, y = (v.to(dev) for v in reader.read(run.seed, st.step, pc.batch_size))
         terms = pretrain_step(net, opt, x, y, perceptual, pc.perceptual_weight, run.compute.bf16)
         guard.record(bool(terms.pop("stepped")), st.step, terms["loss"])
-        st.log.append({"step": st.step, **terms, "seconds": time.perf_counter() - t})
+        st.log.append({"step": st.step, **terms})
         st.step += 1
         if st.step < pc.steps and st.step % pc.checkpoint_every == 0:
             save_step(run.out, run.model_cfg, model, opt, st, 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -117,14 +118,33 @@ def resume_into(ckpt: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, 
                 restore_rng: bool = True) -> TrainState:
     """Load a step checkpoint's model, optimizer, EMA and RNG states in place; return its state."""
     model.load_state_dict(ckpt.model_state)
-    opt.load_state_dict(ckpt.optimizer_state)
+    opt.load_state_dict(interned(ckpt.optimizer_state))
     if ema is not None:
-        ema.load_state_dict(ckpt.ema_state)
+        ema.load_state_dict(interned(ckpt.ema_state))
     if ckpt.rng and restore_rng:
         restore_rng_state(ckpt.rng)
     state = TrainState.from_extra(ckpt.extra)
     state.step = ckpt.step
     return state
+
+
+def interned(obj: Any) -> Any:
+    """A copy of a loaded state with every string interned (containers rebuilt, tensors shared).
+
+    Pickle writes an object seen before as a back-reference, by identity. A fresh
+    optimizer's keys (``'step'``, ``'exp_avg'``...) are the interned literals of
+    torch's code, the same objects as the checkpoint's own ``'step'`` field; keys
+    read back from a step checkpoint are new strings. Without interning, a resumed
+    run saves the same values in different bytes, and every hash of the file (the
+    next round's fingerprint, the ledger's ``teacher_hash``) differs.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {interned(k): interned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(interned(v) for v in obj)
+    return obj
 
 
 def save_step(final: Path, mc: ModelConfig, model: nn.Module, opt: torch.optim.Optimizer, state: TrainState,

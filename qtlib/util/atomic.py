@@ -17,6 +17,7 @@ Only the standard library is imported here: this module sits below every stage.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ __all__ = [
     "discard",
     "make_temp",
     "remove_path",
+    "remove_stale_temps",
     "replace_dir",
 ]
 
@@ -199,3 +201,26 @@ def replace_dir(tmp: str | Path, final: str | Path) -> Path:
     os.replace(tmp, final)
     remove_path(old)
     return final
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove what a killed writer of ``path`` left beside it; returns what was removed.
+
+    A SIGKILL skips every ``finally``, so a writer's temporaries stay behind:
+    ``.NAME.<8 random chars>...`` (:func:`make_temp`), ``.NAME.partial`` (a
+    staged store) and ``.NAME.old`` (:func:`replace_dir`). They are never read as
+    outputs, but they litter a results folder. Call this only where nothing else
+    writes ``path`` at the same time (a Snakemake job owns its outputs). A step
+    checkpoint ``NAME.partial`` (no leading dot) is not touched.
+
+    Args:
+        path: an output file or folder.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(partial|old|[a-z0-9_]{{8}}.*)")
+    stale = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    for p in stale:
+        remove_path(p)
+    return stale

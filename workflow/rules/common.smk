@@ -1,10 +1,10 @@
 # Input functions, paths, config slices and wildcard constraints shared by all rules.
 # Every path comes from qtlib.layout.Layout: the one definition of the results layout.
+# CFG: the typed config, checked by the Snakefile before anything is included.
 from qtlib.config import canonical_json, config_from_dict
 from qtlib.config.loader import to_dict
 from qtlib.layout import SPLITS, Layout
 
-CFG = config_from_dict(config, source="snakemake config")
 L = Layout(CFG.results_dir)
 RES = str(L.root)
 R = CFG.rounds
