@@ -27,7 +27,8 @@ with tempfile.TemporaryDirectory() as tmp:
     images, teacher = make_inputs(Path(tmp), 8, 192)
     out = {}
     for dev in ("cuda", "cpu"):
-        label_shard(teacher, images, 0, 1, Path(tmp) / dev, 0, IQAConfig(), LabelConfig(batch_size=4), device=dev,
+        label_shard(teacher, images, 0, 1, Path(tmp) / dev / "labels" / "shard_0.zarr", Path(tmp) / dev / "l.parquet", 0,
+                    IQAConfig(), LabelConfig(batch_size=4), device=dev,
                     progress=False)
         out[dev] = zarr.open_group(str(Path(tmp) / dev / "labels" / "shard_0.zarr"), mode="r")
     px = np.abs(out["cuda"]["labels"][:].astype(int) - out["cpu"]["labels"][:].astype(int))
