@@ -209,6 +209,7 @@ _FACTS: dict[str, _Facts] = {
         differentiable=True,
         gradient_note="measured: partial, non-zero only inside the crop to multiples of 96 px",
         min_size=96,
+        fast_paths=("niqe_float32",),
     ),
     "piqe": _Facts(
         weights=(),
