@@ -45,7 +45,8 @@ from qtlib.train.samples import (
 from qtlib.train.compute import determinism as determinism_switch
 from qtlib.train.compute import process_seed, seed_everything
 from qtlib.train.state import Resume, TrainState, find_resume, fingerprint, resume_into, save_step
-from qtlib.train.step import TERMS, RewardFn, StepContext, StudentPasses, Switches, build_step_context, train_step
+from qtlib.train.step import (TERMS, RewardFn, StepContext, StudentPasses, Switches, build_step_context, pass_chunk,
+                              train_step)
 
 _log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     seed_everything(process_seed(spec.seed, spec.round, world.rank))
     student, start = _load_student(spec.paths.student, dev)
     mc = start.model_config
-    passes: nn.Module = StudentPasses(student)
+    passes: nn.Module = StudentPasses(student, chunk=pass_chunk(tc.batch_size, dev))
     if world.distributed:
         passes = DistributedDataParallel(passes, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = _optimizer(student, tc, start)

@@ -115,26 +115,47 @@ def crop_side(patch: int, fraction: float) -> int:
     return max(1, round(fraction * patch))
 
 
+def pass_chunk(batch_size: int, device: torch.device) -> int | None:
+    """Images per student call inside :class:`StudentPasses`: the batch size on a CPU, no limit elsewhere."""
+    return batch_size if device.type == "cpu" else None
+
+
 class StudentPasses(nn.Module):
     """Every student forward of a step in one call, so DDP sees one forward per backward.
 
+    The stacked images may run as several student calls of at most ``chunk``
+    images (still one forward of this module): on a CPU a large stack is slower
+    than the same images in pieces (caches), on a GPU one big call is faster.
+    Chunking changes no arithmetic per image (each sample's output depends only on
+    its own input and score), only which batch oneDNN computes it in.
+
     Args:
         student: the student (any built model: ``student(x, score)``).
+        chunk: at most this many images per student call (None: one call).
 
     Shape:
         - x: (N, 3, P, P), score: (N,) or None; crops: (B, 3, c, c), crop_score: (B,) or None.
         - Output: (student(x, score), student(crops, crop_score) or None).
     """
 
-    def __init__(self, student: nn.Module) -> None:
+    def __init__(self, student: nn.Module, chunk: int | None = None) -> None:
         super().__init__()
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk: expected None or >= 1, got {chunk}")
         self.student = student
+        self.chunk = chunk
+
+    def _run(self, x: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
+        if self.chunk is None or x.shape[0] <= self.chunk:
+            return self.student(x, score)
+        scores = score.split(self.chunk) if score is not None else [None] * math.ceil(x.shape[0] / self.chunk)
+        return torch.cat([self.student(xc, sc) for xc, sc in zip(x.split(self.chunk), scores, strict=True)])
 
     def forward(
         self, x: torch.Tensor, score: torch.Tensor | None, crops: torch.Tensor | None = None,
         crop_score: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.student(x, score), (self.student(crops, crop_score) if crops is not None else None)
+        return self._run(x, score), (self._run(crops, crop_score) if crops is not None else None)
 
 
 @dataclass
@@ -278,7 +299,8 @@ def build_step_context(
         device: where the step runs.
         top_score: the merged top condition level (``model.conditioning.top_score``).
         bf16: autocast the student passes (``compute.bf16``).
-        passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one).
+        passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one, chunked
+            to ``train.batch_size`` images per call on a CPU, one call elsewhere).
         reward: one reward function for both reward terms (default: the IQA ensemble, built only when
             a reward term is on: one for patch-sized, one for crop-sized images).
         perceptual: the resolved perceptual kind (default: resolve ``train.losses.per.kind`` now).
@@ -292,7 +314,9 @@ def build_step_context(
     # W_init of L_reg: the injection weights when the context is built (empty when unconditioned)
     if init_params is None:
         init_params = [p.detach().clone() for p in student.injection_parameters()]
-    return StepContext(passes if passes is not None else StudentPasses(student), student, optimizer, sw,
+    if passes is None:
+        passes = StudentPasses(student, chunk=pass_chunk(train.batch_size, device))
+    return StepContext(passes, student, optimizer, sw,
                        train.losses, top_score, crop, full_reward, crop_reward,
                        build_perceptual(sw.perceptual, device), init_params, device, bf16)
 
