@@ -151,11 +151,17 @@ class StudentPasses(nn.Module):
         scores = score.split(self.chunk) if score is not None else [None] * math.ceil(x.shape[0] / self.chunk)
         return torch.cat([self.student(xc, sc) for xc, sc in zip(x.split(self.chunk), scores, strict=True)])
 
+    def _run_rows(self, x: torch.Tensor, rows: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        return self.student.forward_rows(x, rows, score, self.chunk)
+
     def forward(
         self, x: torch.Tensor, score: torch.Tensor | None, crops: torch.Tensor | None = None,
-        crop_score: torch.Tensor | None = None,
+        crop_score: torch.Tensor | None = None, rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self._run(x, score), (self._run(crops, crop_score) if crops is not None else None)
+        """With ``rows``: the first output is ``student(x[rows], score)`` (the encoder shared where the
+        student allows, :meth:`~qtlib.models.Restorer.forward_rows`); without: ``student(x, score)``."""
+        main = self._run(x, score) if rows is None else self._run_rows(x, rows, score)
+        return main, (self._run(crops, crop_score) if crops is not None else None)
 
 
 @dataclass
@@ -210,18 +216,22 @@ def _student_outputs(ctx: StepContext, batch: Batch, on: dict[str, bool]):
     cond = batch.cond if ctx.switches.score_condition else top
     need_top = on["pref"] or on["cropped"]
     redo = torch.nonzero(cond < ctx.top_score).flatten() if need_top else cond.new_zeros(0, dtype=torch.long)
-    xs, scores = [x, x[redo]], [cond, top[redo]]
+    every = torch.arange(b, device=ctx.device)
+    rows, scores = [every, redo], [cond, top[redo]]
     if on["pref"]:
-        xs.append(x)
+        rows.append(every)
         scores.append(batch.low)
     n_sup = batch.sup_x.shape[0] if on["sup"] and batch.sup_x is not None else 0
+    inputs = x
     if n_sup:  # the labeled pairs, at the top level (what inference uses)
-        xs.append(batch.sup_x)
+        inputs = torch.cat([x, batch.sup_x])
+        rows.append(torch.arange(b, b + n_sup, device=ctx.device))
         scores.append(torch.full((n_sup,), ctx.top_score, device=ctx.device))
     crops = crop_batch(x, batch.crop_yx, ctx.crop) if on["cropped"] else None
     with autocast(ctx.device, ctx.bf16):
-        out, out_crop = ctx.passes(torch.cat(xs), torch.cat(scores), crops,
-                                   top if crops is not None else None)
+        # every pass of x is a row of x: the score-independent encoder runs once per input
+        out, out_crop = ctx.passes(inputs, torch.cat(scores), crops, top if crops is not None else None,
+                                   torch.cat(rows))
     out = out.float()
     y = out[:b]
     y_h = y.index_copy(0, redo, out[b:b + len(redo)]) if need_top else None
