@@ -41,6 +41,9 @@ from qtlib.train.step import crop_side
 ENSEMBLES = {
     "brisque": IQAConfig(ensemble=(Member("brisque", 1.0),)),
     "brisque+niqe": IQAConfig(),  # the offline default config; NIQE is left out of the 48 px crop reward
+    # the paper's network members, 0.4 / 0.2 (renormalized by the Reward); needs their files in the cache
+    # (benchmarks/random_weights.py installs random-weight ones)
+    "musiq+clipiqa": IQAConfig(ensemble=(Member("musiq", 0.4), Member("clipiqa", 0.2))),
 }
 
 
