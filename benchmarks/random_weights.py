@@ -13,6 +13,36 @@ import os
 import shutil
 from pathlib import Path
 
+from torch import nn
+
+
+class _Holder(nn.Module):
+    """A TorchScript-able node that only carries tensors (the layout of OpenAI's CLIP archives)."""
+
+    def forward(self, x):  # noqa: D102 - never called
+        return x
+
+
+def write_random_clip_archive(path: Path, seed: int = 0) -> None:
+    """A random CLIP RN50 as a TorchScript archive that pyiqa's loader rebuilds (as tests/iqa_fixtures.py;
+    copied so that a GPU image without pytest can run the benchmark)."""
+    import torch
+    from pyiqa.archs.clip_model import CLIP
+
+    torch.manual_seed(seed)
+    model = CLIP(1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12)  # RN50's dimensions
+    root = _Holder()
+    for key, value in model.state_dict().items():
+        *parents, leaf = key.split(".")
+        node = root
+        for name in parents:
+            if not hasattr(node, name):
+                node.add_module(name, _Holder())
+            node = getattr(node, name)
+        node.register_buffer(leaf, value.detach().half().clone())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(root).save(str(path))
+
 
 def install(home: Path) -> Path:
     """Fill ``home`` with the three members' files and point pyiqa and torch.hub at it; returns it.
@@ -26,7 +56,6 @@ def install(home: Path) -> Path:
     from pyiqa.utils import download_util
 
     from qtlib.iqa import CATALOG
-    from tests.iqa_fixtures import write_random_clip_archive
 
     (brisque,) = CATALOG["brisque"].weights
     src = brisque.path()
