@@ -166,7 +166,8 @@ class _Recorder:
 
     def _hook(self, module, args, output) -> None:
         crops = args[2] if len(args) > 2 else None
-        self.calls.append((args[0].shape[0], None if crops is None else crops.shape[0]))
+        rows = args[4] if len(args) > 4 else None  # rows of args[0]: the images the student passes produce
+        self.calls.append(((args[0] if rows is None else rows).shape[0], None if crops is None else crops.shape[0]))
 
 
 def _ctx(sw: Switches, losses: Losses | None = None, top: float = 7.0) -> tuple[StepContext, _Recorder]:

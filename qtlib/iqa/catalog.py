@@ -133,6 +133,7 @@ class MetricInfo:
         weights: files loaded at construction (empty: works offline as is).
         needs_reference: full-reference metric (pyiqa ``metric_mode == 'FR'``).
         min_size: smallest image side the metric accepts (measured where it builds offline).
+        fast_paths: qtlib's replacements of the pyiqa arch (keys of :data:`qtlib.iqa.fast.FAST_PATHS`).
     """
 
     name: str
@@ -146,6 +147,7 @@ class MetricInfo:
     weights: tuple[WeightFile, ...]
     needs_reference: bool
     min_size: int
+    fast_paths: tuple[str, ...] = ()
 
     def missing_weights(self) -> tuple[WeightFile, ...]:
         """The weight files not in their caches."""
@@ -181,6 +183,7 @@ class _Facts:
     differentiable: bool
     gradient_note: str
     min_size: int
+    fast_paths: tuple[str, ...] = ()
 
 
 _P = "qt weights prepare"
@@ -194,6 +197,7 @@ _FACTS: dict[str, _Facts] = {
         differentiable=True,
         gradient_note="measured: non-zero on every pixel",
         min_size=16,
+        fast_paths=("brisque_filter_grad",),
     ),
     "niqe": _Facts(
         weights=(WeightFile("pyiqa", "niqe_modelparameters.mat", _P),),
@@ -205,6 +209,7 @@ _FACTS: dict[str, _Facts] = {
         differentiable=True,
         gradient_note="measured: partial, non-zero only inside the crop to multiples of 96 px",
         min_size=96,
+        fast_paths=("niqe_float32",),
     ),
     "piqe": _Facts(
         weights=(),
@@ -311,6 +316,7 @@ def _build(name: str, facts: _Facts) -> MetricInfo:
         weights=facts.weights,
         needs_reference=meta["metric_mode"] == "FR",
         min_size=facts.min_size,
+        fast_paths=facts.fast_paths,
     )
 
 

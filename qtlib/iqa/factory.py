@@ -94,6 +94,7 @@ def create_metric(
     as_loss: bool = False,
     *,
     allow_download: bool = False,
+    fast: bool | tuple[str, ...] = True,
     **kwargs: Any,
 ) -> InferenceModel:
     """Build the pyiqa metric ``name`` in eval mode, without touching the network unless allowed.
@@ -105,6 +106,9 @@ def create_metric(
             then returns one value per image (``loss_reduction='none'`` unless
             given) and does NOT flip the direction of lower-better metrics.
         allow_download: let pyiqa fetch missing files (default off).
+        fast: True = install the catalog's default fast paths that apply to this variant
+            (:mod:`qtlib.iqa.fast`; each matches pyiqa within its stated tolerance); a tuple =
+            exactly those of the metric's paths named (opt-in ones included); False = pyiqa's arch as is.
         **kwargs: passed to ``pyiqa.create_metric`` (e.g. ``pretrained_model_path``,
             ``pretrained=False``). With either of those two the catalog's weight
             check is skipped: the caller chose the weights.
@@ -138,4 +142,25 @@ def create_metric(
             info.name, None, str(pyiqa_cache_dir()), _hint(info.name, None),
             detail=f"{fetch}: {type(exc).__name__}: {str(exc)[:200]}",
         ) from exc
+    if fast:
+        install_fast_paths(metric, info, as_loss, None if fast is True else fast)
     return metric.eval()
+
+
+def install_fast_paths(metric: InferenceModel, info: MetricInfo, as_loss: bool,
+                       names: tuple[str, ...] | None = None) -> InferenceModel:
+    """Swap ``metric.net`` for the fast paths of ``info`` that apply to the ``as_loss`` variant.
+
+    Args:
+        names: which of ``info.fast_paths`` (None: those marked ``default``); names the metric
+            does not have are ignored, so one tuple can serve a whole ensemble.
+    """
+    from qtlib.iqa.fast import FAST_PATHS
+
+    for key in info.fast_paths:
+        path = FAST_PATHS[key]
+        chosen = path.default if names is None else key in names
+        if chosen and path.applies_to(as_loss):
+            metric.net = path.build(metric.net)
+            _log.debug("%s: fast path %s installed (%s)", info.name, key, path.tolerance)
+    return metric

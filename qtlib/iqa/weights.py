@@ -161,7 +161,7 @@ def _verify_key(metric: str, path: str | Path, device: str = "cpu") -> tuple:
 
 
 def _score_calibration(metric: str, path: str | Path, device: str) -> Verification:
-    model = create_metric(metric, device, pretrained_model_path=str(path))
+    model = create_metric(metric, device, pretrained_model_path=str(path), fast=False)  # pyiqa's own arch
     images = torch.stack([read_image(p) for p in calibration_images()])
     with torch.no_grad():
         scores = model(images).reshape(-1).double().cpu().tolist()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from qtlib.config.types import ConditioningConfig
-from qtlib.models.restorer import Restorer, Score
+from qtlib.models.restorer import Encoded, Restorer, Score
 from qtlib.util.checks import check_shape
 
 
@@ -212,7 +213,10 @@ class ScoreConditioned(Restorer):
             RuntimeError: an injection module never ran (it is not on the backbone's forward path).
         """
         embeddings = self.embed(score, x.shape[0], x.device)
-        fired: list[str] = []
+        return self._with_hooks(embeddings, [], lambda: self.backbone(x))
+
+    def _with_hooks(self, embeddings: dict[str, torch.Tensor], fired: list[str], run) -> torch.Tensor:
+        """``run()`` with each embedding added at its injection module; raise if one never ran."""
         handles = [
             self.backbone.get_submodule(name).register_forward_hook(
                 functools.partial(_add_embedding, name=name, emb=emb, fired=fired)
@@ -220,14 +224,54 @@ class ScoreConditioned(Restorer):
             for name, emb in embeddings.items()
         ]
         try:
-            out = self.backbone(x)
+            out = run()
         finally:
             for handle in handles:
                 handle.remove()
-        if len(fired) < len(embeddings):
-            missing = sorted(set(embeddings) - set(fired))
+        missing = sorted(set(embeddings) - set(fired))
+        if missing:
             raise RuntimeError(f"injection: {', '.join(missing)} never ran in {type(self.backbone).__name__}.forward")
         return out
+
+    @property
+    def shares_encoder(self) -> bool:
+        """The backbone splits into encode/decode and every injection point is on the decoder side.
+
+        Then the encoder (and the bottleneck, whose output receives the embedding)
+        does not depend on the score, and :meth:`forward_rows` runs it once per input.
+        """
+        split = callable(getattr(self.backbone, "encode", None)) and callable(getattr(self.backbone, "decode", None))
+        return split and all(n == "bottleneck" or n.startswith("decoders.") for n in self.cfg.injection)
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, score: Score = None,
+                     chunk: int | None = None) -> torch.Tensor:
+        """``self(x[rows], score)`` with the score-independent encoder run once per row of ``x``.
+
+        Equal to the separate forwards up to float rounding (the same arithmetic per
+        sample; the encoder's gradient is the sum over the rows that reuse it).
+
+        Args:
+            x: (B, C, H, W) distinct inputs; rows: (N,) int64 indices into them (repeats allowed).
+            score: (N,), a scalar or None (= top score).
+            chunk: decode at most this many rows per call (on a CPU, smaller calls are faster).
+        """
+        if not self.shares_encoder:
+            return super().forward_rows(x, rows, score, chunk)
+        s = prepare_scores(score, rows.shape[0], self.cfg.top_score, x.device)
+        full = self.backbone.encode(x)
+        step = chunk or rows.shape[0]
+        return torch.cat([self._decode_rows(full, rows[i:i + step], s[i:i + step])
+                          for i in range(0, rows.shape[0], step)])
+
+    def _decode_rows(self, full: Encoded, rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        embeddings = self.embed(s, rows.shape[0], s.device)
+        enc = full.rows(rows)
+        fired: list[str] = []
+        if "bottleneck" in embeddings:  # the bottleneck ran inside encode: add its embedding here
+            emb = embeddings.pop("bottleneck")
+            enc = replace(enc, feat=_add_embedding(self.backbone.bottleneck, (), enc.feat, name="bottleneck",
+                                                   emb=emb, fired=fired))
+        return self._with_hooks(embeddings, fired, lambda: self.backbone.decode(enc))
 
     def injection_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the score embedding (for L_reg = 1/2 sum ||W - W_init||^2, eq. 8)."""

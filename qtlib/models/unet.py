@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtlib.config.types import UNetConfig
-from qtlib.models.restorer import Restorer, Score
+from qtlib.models.restorer import Encoded, Restorer, Score
 from qtlib.models.padding import check_image_batch, crop_to, pad_to_multiple
 
 
@@ -70,6 +70,10 @@ class UNet(Restorer):
 
     def forward(self, x: torch.Tensor, score: Score = None) -> torch.Tensor:
         """Restore ``x``; ``score`` is accepted and ignored (an unconditioned model, see :class:`Restorer`)."""
+        return self.decode(self.encode(x))
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """Padding, encoders and bottleneck (the part before any decoder-side injection)."""
         check_image_batch(x, self.cfg.in_channels)
         h, w = x.shape[-2:]
         inp = pad_to_multiple(x, self.size_multiple)
@@ -79,10 +83,14 @@ class UNet(Restorer):
             feat = enc(feat)
             skips.append(feat)
             feat = F.max_pool2d(feat, 2)
-        feat = self.bottleneck(feat)
-        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
+        return Encoded(inp, tuple(skips), self.bottleneck(feat), (h, w))
+
+    def decode(self, e: Encoded) -> torch.Tensor:
+        """Decoders, head, residual and crop, from :meth:`encode`'s output."""
+        feat = e.feat
+        for up, dec, skip in zip(self.ups, self.decoders, reversed(e.skips), strict=True):
             feat = dec(torch.cat([up(feat), skip], dim=1))
         out = self.head(feat)
         if self.residual:
-            out = out + inp
-        return crop_to(out, h, w)
+            out = out + e.inp
+        return crop_to(out, *e.size)

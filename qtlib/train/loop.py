@@ -68,6 +68,7 @@ from qtlib.train.step import (
     StudentPasses,
     Switches,
     build_step_context,
+    pass_chunk,
     train_step,
 )
 
@@ -238,7 +239,7 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     seed_everything(process_seed(spec.seed, spec.round, world.rank))
     student, start = _load_student(spec.paths.student, dev)
     mc = start.model_config
-    passes: nn.Module = StudentPasses(student)
+    passes: nn.Module = StudentPasses(student, chunk=pass_chunk(tc.batch_size, dev))
     if world.distributed:
         passes = DistributedDataParallel(passes, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = _optimizer(student, tc, start)

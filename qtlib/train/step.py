@@ -116,26 +116,53 @@ def crop_side(patch: int, fraction: float) -> int:
     return max(1, round(fraction * patch))
 
 
+def pass_chunk(batch_size: int, device: torch.device) -> int | None:
+    """Images per student call inside :class:`StudentPasses`: the batch size on a CPU, no limit elsewhere."""
+    return batch_size if device.type == "cpu" else None
+
+
 class StudentPasses(nn.Module):
     """Every student forward of a step in one call, so DDP sees one forward per backward.
 
+    The stacked images may run as several student calls of at most ``chunk``
+    images (still one forward of this module): on a CPU a large stack is slower
+    than the same images in pieces (caches), on a GPU one big call is faster.
+    Chunking changes no arithmetic per image (each sample's output depends only on
+    its own input and score), only which batch oneDNN computes it in.
+
     Args:
         student: the student (any built model: ``student(x, score)``).
+        chunk: at most this many images per student call (None: one call).
 
     Shape:
         - x: (N, 3, P, P), score: (N,) or None; crops: (B, 3, c, c), crop_score: (B,) or None.
         - Output: (student(x, score), student(crops, crop_score) or None).
     """
 
-    def __init__(self, student: nn.Module) -> None:
+    def __init__(self, student: nn.Module, chunk: int | None = None) -> None:
         super().__init__()
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk: expected None or >= 1, got {chunk}")
         self.student = student
+        self.chunk = chunk
+
+    def _run(self, x: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
+        if self.chunk is None or x.shape[0] <= self.chunk:
+            return self.student(x, score)
+        scores = score.split(self.chunk) if score is not None else [None] * math.ceil(x.shape[0] / self.chunk)
+        return torch.cat([self.student(xc, sc) for xc, sc in zip(x.split(self.chunk), scores, strict=True)])
+
+    def _run_rows(self, x: torch.Tensor, rows: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        return self.student.forward_rows(x, rows, score, self.chunk)
 
     def forward(
         self, x: torch.Tensor, score: torch.Tensor | None, crops: torch.Tensor | None = None,
-        crop_score: torch.Tensor | None = None,
+        crop_score: torch.Tensor | None = None, rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.student(x, score), (self.student(crops, crop_score) if crops is not None else None)
+        """With ``rows``: the first output is ``student(x[rows], score)`` (the encoder shared where the
+        student allows, :meth:`~qtlib.models.Restorer.forward_rows`); without: ``student(x, score)``."""
+        main = self._run(x, score) if rows is None else self._run_rows(x, rows, score)
+        return main, (self._run(crops, crop_score) if crops is not None else None)
 
 
 @dataclass
@@ -192,18 +219,22 @@ def _student_outputs(ctx: StepContext, batch: Batch, on: dict[str, bool]):
     cond = batch.cond if ctx.switches.score_condition else top
     need_top = on["pref"] or on["cropped"]
     redo = torch.nonzero(cond < ctx.top_score).flatten() if need_top else cond.new_zeros(0, dtype=torch.long)
-    xs, scores = [x, x[redo]], [cond, top[redo]]
+    every = torch.arange(b, device=ctx.device)
+    rows, scores = [every, redo], [cond, top[redo]]
     if on["pref"]:
-        xs.append(x)
+        rows.append(every)
         scores.append(batch.low)
     n_sup = batch.sup_x.shape[0] if on["sup"] and batch.sup_x is not None else 0
+    inputs = x
     if n_sup:  # the labeled pairs, at the top level (what inference uses)
-        xs.append(batch.sup_x)
+        inputs = torch.cat([x, batch.sup_x])
+        rows.append(torch.arange(b, b + n_sup, device=ctx.device))
         scores.append(torch.full((n_sup,), ctx.top_score, device=ctx.device))
     crops = crop_batch(x, batch.crop_yx, ctx.crop) if on["cropped"] else None
     with autocast(ctx.device, ctx.bf16):
-        out, out_crop = ctx.passes(torch.cat(xs), torch.cat(scores), crops,
-                                   top if crops is not None else None)
+        # every pass of x is a row of x: the score-independent encoder runs once per input
+        out, out_crop = ctx.passes(inputs, torch.cat(scores), crops, top if crops is not None else None,
+                                   torch.cat(rows))
     out = out.float()
     y = out[:b]
     y_h = y.index_copy(0, redo, out[b:b + len(redo)]) if need_top else None
@@ -281,7 +312,8 @@ def build_step_context(
         device: where the step runs.
         top_score: the merged top condition level (``model.conditioning.top_score``).
         bf16: autocast the student passes (``compute.bf16``).
-        passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one).
+        passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one, chunked
+            to ``train.batch_size`` images per call on a CPU, one call elsewhere).
         reward: one reward function for both reward terms (default: the IQA ensemble, built only when
             a reward term is on: one for patch-sized, one for crop-sized images).
         perceptual: the resolved perceptual kind (default: resolve ``train.losses.per.kind`` now).
@@ -295,7 +327,9 @@ def build_step_context(
     # W_init of L_reg: the injection weights when the context is built (empty when unconditioned)
     if init_params is None:
         init_params = [p.detach().clone() for p in student.injection_parameters()]
-    return StepContext(passes if passes is not None else StudentPasses(student), student, optimizer, sw,
+    if passes is None:
+        passes = StudentPasses(student, chunk=pass_chunk(train.batch_size, device))
+    return StepContext(passes, student, optimizer, sw,
                        train.losses, top_score, crop, full_reward, crop_reward,
                        build_perceptual(sw.perceptual, device), init_params, device, bf16)
 

@@ -1,0 +1,91 @@
+"""Speed-ups of the training step that claim equivalence: the same loss and gradients (to float32 rounding)."""
+
+from __future__ import annotations
+
+import torch
+
+from qtlib.models import build_model
+from qtlib.train import StepContext, StudentPasses, train_step
+from qtlib.train.step import pass_chunk
+from tests.test_train_losses import FULL, TINY, _batch, _toy_reward
+from qtlib.config.types import Losses
+
+
+def _step(chunk: int | None) -> tuple[dict[str, float], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    student = build_model(TINY)
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: the step leaves the weights, grads stay
+    init = [p.detach().clone() for p in student.injection_parameters()]
+    ctx = StepContext(StudentPasses(student, chunk=chunk), student, opt, FULL, Losses(), 7.0, 16, _toy_reward,
+                      _toy_reward, None, init, torch.device("cpu"))
+    out = train_step(ctx, _batch(), step=10_000)
+    return out.terms, [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+
+def test_chunked_passes_equal_one_call() -> None:
+    whole, g_whole = _step(None)
+    for chunk in (1, 2, 3):
+        terms, grads = _step(chunk)
+        for k, v in whole.items():
+            assert v == v and abs(terms[k] - v) <= 1e-5 * max(1.0, abs(v)) or (v != v and terms[k] != terms[k]), k
+        assert len(grads) == len(g_whole)
+        for a, b in zip(grads, g_whole, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_pass_chunk_default() -> None:
+    assert pass_chunk(4, torch.device("cpu")) == 4
+    assert pass_chunk(4, torch.device("cuda")) is None
+
+
+def test_chunk_exception() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="chunk"):
+        StudentPasses(build_model(TINY), chunk=0)
+
+
+def _grads(model, fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = fn()
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_shared_encoder_equals_separate_passes() -> None:
+    """forward_rows (encoder once per input) == the stacked separate forwards: values and every gradient.
+
+    In float64, so the comparison is of the arithmetic (measured: 2e-15 of each gradient's largest entry;
+    in float32 the summation order alone moves gradients by ~1e-5 of their largest entry).
+    """
+    from qtlib.config import ModelConfig, NAFNetConfig, UNetConfig
+
+    cfgs = [TINY, ModelConfig(backbone="nafnet", nafnet=NAFNetConfig(width=8, enc_blocks=(1, 1), middle_blocks=1,
+                                                                     dec_blocks=(1, 1)), unet=UNetConfig())]
+    for cfg in cfgs:
+        torch.manual_seed(0)
+        model = build_model(cfg).double()
+        with torch.no_grad():  # the embedding starts at zero: make it matter
+            for p in model.injection_parameters():
+                p.normal_(0, 0.5)
+        assert model.shares_encoder
+        x = torch.rand(3, 3, 24, 24, dtype=torch.float64)
+        rows = torch.tensor([0, 1, 2, 0, 2, 0, 1, 2])
+        score = torch.tensor([3.0, 7.5, 5.0, 7.0, 7.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+        shared, g_shared = _grads(model, lambda: model.forward_rows(x, rows, score))
+        separate, g_sep = _grads(model, lambda: model(x[rows], score))
+        torch.testing.assert_close(shared, separate, rtol=1e-12, atol=1e-12)
+        assert len(g_shared) == len(g_sep)
+        for a, b in zip(g_shared, g_sep, strict=True):
+            assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_encoder_side_injection_does_not_share() -> None:
+    from dataclasses import replace
+
+    cfg = replace(TINY, conditioning=replace(TINY.conditioning, injection=("encoders.1",)))
+    model = build_model(cfg)
+    assert not model.shares_encoder
+    x, rows = torch.rand(2, 3, 16, 16), torch.tensor([0, 1, 1])
+    torch.testing.assert_close(model.forward_rows(x, rows, torch.tensor([1.0, 2.0, 7.0])),
+                               model(x[rows], torch.tensor([1.0, 2.0, 7.0])))
