@@ -81,18 +81,31 @@ def _metric_problems(cfg: Config) -> Iterator[str]:
             yield f"evaluate.panel[{i}]: unknown metric {name!r}; the catalog has: {known}"
 
 
-# which sub-folders of each data key hold the images ``qt prepare`` reads
-_SUBFOLDERS = {"paired": ("degraded", "clean"), "unlabeled": ("",), "test": ("degraded",)}
-
-
 def resolve(path: str, base: Path) -> Path:
     """A ``data.*`` path as the workflow reads it: ``~`` expanded, relative to ``base``."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else base / p
 
 
+def _image_folders(key: str, folder: Path) -> list[tuple[str, bool]]:
+    """The sub-folders of a ``data.<key>`` folder that ``qt prepare`` reads, each with whether it must exist.
+
+    Paired and test sets use one layout of :data:`qtlib.data.prepare.PAIRED_LAYOUTS` (the test set's
+    clean folder is optional: without it there is no ground truth); unlabeled images are the folder.
+
+    Raises:
+        FileNotFoundError, ValueError: no paired layout, or several (from ``paired_layout``).
+    """
+    from qtlib.data.prepare import paired_layout
+
+    if key == "unlabeled":
+        return [("", True)]
+    degraded, clean = paired_layout(folder)
+    return [(degraded, True), (clean, key == "paired")]
+
+
 def _path_problems(cfg: Config, base: Path) -> Iterator[str]:
-    for key, subs in _SUBFOLDERS.items():
+    for key in ("paired", "unlabeled", "test"):
         given = getattr(cfg.data, key)
         if not given:
             continue
@@ -103,11 +116,17 @@ def _path_problems(cfg: Config, base: Path) -> Iterator[str]:
         if not folder.is_dir():
             yield f"data.{key}: {given} is not a folder"
             continue
-        for sub in subs:
+        try:
+            subs = _image_folders(key, folder)
+        except (FileNotFoundError, ValueError) as exc:
+            yield f"data.{key}: {given}: {str(exc).split(': ', 1)[-1]}"
+            continue
+        for sub, required in subs:
             where = folder / sub if sub else folder
             shown = f"{given}/{sub}" if sub else given
             if not where.is_dir():
-                yield f"data.{key}: {given} has no {sub}/ folder (expected {', '.join(s + '/' for s in subs)})"
+                if required:
+                    yield f"data.{key}: {given} has no {sub}/ folder"
             elif not _has_image(where):
                 yield f"data.{key}: {shown} holds no image files ({', '.join(_extensions())}, searched recursively)"
 
