@@ -105,3 +105,17 @@ def test_member_without_gradient_is_scored_as_a_constant(prepared, noisy: torch.
     assert "piqe" in Reward(IQAConfig(ensemble=(Member("piqe", 0.5, grad=False), Member("brisque", 0.5)))).members
     with pytest.raises(NoDifferentiableMemberError):
         Reward(IQAConfig(ensemble=(Member("brisque", 1.0, grad=False),)))
+
+
+def test_flat_crop_gets_a_detached_mean_and_no_traceback(offline: IQAConfig, noisy: torch.Tensor) -> None:
+    """A flat image (pyiqa asserts on zero variance) among others: finite rewards, gradient only to the others."""
+    reward = Reward(offline)
+    x = torch.cat([noisy, torch.full_like(noisy[:1], 0.5)]).requires_grad_(True)
+    r = reward(x)
+    assert torch.isfinite(r).all()
+    assert torch.allclose(r[:2], reward(noisy), atol=1e-4)
+    assert r[2].item() == pytest.approx(r[:2].mean().item(), abs=1e-4)
+    r.sum().backward()
+    assert x.grad[:2].abs().sum() > 0 and x.grad[2].abs().sum() == 0
+    flat = reward(torch.full_like(noisy, 0.25))  # every row flat: zeros, no call into pyiqa
+    assert torch.isfinite(flat).all()

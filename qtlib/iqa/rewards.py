@@ -24,6 +24,7 @@ from qtlib.iqa.ensemble import (
     ensemble_members,
     per_image,
     renormalized,
+    unscorable,
 )
 from qtlib.iqa.factory import create_metric
 from qtlib.util.checks import check_shape
@@ -100,6 +101,17 @@ class Reward(nn.Module):
         return EnsembleScores(raw, normalized, combine(normalized, dict(zip(self.members, self.weights))))
 
     def _raw(self, name: str, metric: nn.Module, images: Tensor, n: int) -> Tensor:
+        # A flat (or non-finite) crop, e.g. a blown-out sky, has no score: pyiqa asserts on it.
+        # Those rows get the batch's mean score, detached, so they add no gradient and no traceback.
+        ok = torch.nonzero(~unscorable(images.detach())).flatten()
+        if len(ok) == n:
+            return self._call(name, metric, images, n)
+        if len(ok) == 0:
+            return images.new_zeros(n)
+        scored = self._call(name, metric, images[ok], len(ok))
+        return scored.detach().mean().expand(n).index_copy(0, ok, scored)
+
+    def _call(self, name: str, metric: nn.Module, images: Tensor, n: int) -> Tensor:
         if name in self.constant:
             with torch.no_grad():
                 return per_image(metric(images.detach()), n, name)
