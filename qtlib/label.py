@@ -164,6 +164,15 @@ def _open_staging_store(tmp: Path, prepared: ImageStore, rows: np.ndarray, augs:
     return _create_store(tmp, len(rows), len(augs), prepared.sizes[rows], metrics, grid, attrs)
 
 
+class LabelMemoryError(MemoryError):
+    """The ensemble could not score a batch of labels in memory; the message names the images and the fix."""
+
+
+def _is_out_of_memory(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
 @dataclass(frozen=True)
 class _Shard:
     """What every batch of a shard shares: the teacher call, augmentations, ensemble, output store, metadata."""
@@ -213,8 +222,17 @@ def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, p
     nonfinite = ~torch.isfinite(pls).flatten(2).all(2).flatten()  # (B*K,): a NaN/inf teacher output
     q = pls.nan_to_num_(0.0).mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
     flat = q.flatten(0, 1).float().div_(255.0)
-    scores = _mask_nonfinite(sh.ensemble.score(flat), nonfinite)
-    blocks = _mask_nonfinite(sh.ensemble.score_blocks(flat), nonfinite)
+    try:
+        scores = _mask_nonfinite(sh.ensemble.score(flat), nonfinite)
+        blocks = _mask_nonfinite(sh.ensemble.score_blocks(flat), nonfinite)
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one too
+        if not _is_out_of_memory(exc):
+            raise
+        h, w = x.shape[-2:]
+        raise LabelMemoryError(
+            f"labeling {', '.join(ids)} ({w}x{h} px): the IQA ensemble ran out of memory scoring the whole labels "
+            f"({str(exc).splitlines()[0][:160]}); NR metrics score whole images, so cap the size with "
+            "data.max_side (e.g. 2048) or lower label.batch_size / iqa.batch_size") from None
     status = label_status(nonfinite, flat, sh.grid, scores, blocks)
     b, k, g = x.shape[0], len(sh.augs), sh.group
     metrics = list(sh.ensemble.members)
