@@ -20,6 +20,9 @@ timeout 300 python3 benchmarks/bench_label_gpu.py --device cuda --json "$RES/${D
 echo "== bench_train (cuda): NAFNet-w32, batch 16, 256 px, BRISQUE reward, bf16"
 timeout 150 python3 benchmarks/bench_train.py --device cuda --backbone nafnet --batch 16 --patch 256 --precision bf16 \
   --steps 6 --json "$RES/${DAY}_cuda_bench_train.json" 2>&1 | grep -v Warn | tail -8
+echo "== bench_musiq (cuda): MUSIQ blocks, qtlib's batched tokens vs pyiqa's arch (random weights)"
+timeout 120 python3 benchmarks/bench_musiq.py --device cuda --images 16 --size 256 --reps 10 \
+  --json "$RES/${DAY}_cuda_bench_musiq.json" 2>&1 | grep -v Warn | tail -3
 echo "== bench_iqa (cuda)"; python3 benchmarks/bench_iqa.py --device cuda --repeats 5 2>&1 | grep -v Warn | tail -25
 echo "== bench_label (cuda)"; python3 benchmarks/bench_label.py --device cuda --images 64 --skip-rss 2>&1 | grep -v Warn | tail -5
 echo "== label stage: cuda vs cpu"

@@ -231,6 +231,7 @@ _FACTS: dict[str, _Facts] = {
         differentiable=True,
         gradient_note="measured with random weights: non-zero",
         min_size=32,
+        fast_paths=("musiq_batched_tokens",),
     ),
     "clipiqa": _Facts(
         weights=(WeightFile("clip", "RN50.pt"),),
