@@ -145,7 +145,7 @@ def label_records(args: argparse.Namespace, tmp: Path) -> list[dict]:
     teacher = teacher_checkpoint(tmp, args.width)
     store = write_store(tmp, imgs)
     model = load_model(teacher, use_ema=True, device=dev)
-    ensemble = Ensemble(iqa, device=dev)
+    ensemble = Ensemble(iqa, device=dev, fast=False)  # the baselines run pyiqa's own code; "ours" is the stage
     augs = get_augmentations(AUGS)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255).to(dev)
     n_auth = min(args.authors_images, args.images)

@@ -158,20 +158,23 @@ class Ensemble:
         cfg: ``iqa`` section of the config (members, weights, block grid, batch size,
             whether downloads are allowed).
         device: where the metrics run. Scores are returned on the device of the input.
+        fast: the catalog's fast paths (False: pyiqa's own code only, for baselines).
 
     Raises:
         MissingWeightsError: a member's weights are not in pyiqa's cache.
         UnknownMetricError / ValueError: a bad member list.
     """
 
-    def __init__(self, cfg: IQAConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(self, cfg: IQAConfig, device: str | torch.device = "cpu", *, fast: bool = True) -> None:
         weights = ensemble_members(cfg)
         self.cfg = cfg
         self.device = torch.device(device)
         self.members: tuple[str, ...] = tuple(weights)
         self.weights: tuple[float, ...] = tuple(weights.values())
         self.infos: dict[str, MetricInfo] = {m: get_info(m) for m in self.members}
-        self.metrics = {m: create_metric(m, self.device, allow_download=cfg.allow_download) for m in self.members}
+        # fast=False: pyiqa's own code paths only (the catalog's fast paths off), e.g. for a baseline
+        self.metrics = {m: create_metric(m, self.device, allow_download=cfg.allow_download, fast=fast)
+                        for m in self.members}
 
     def score(self, images: Tensor) -> EnsembleScores:
         """Score whole images.
