@@ -24,8 +24,10 @@ class _Holder(nn.Module):
 
 
 def write_random_clip_archive(path: Path, seed: int = 0) -> None:
-    """A random CLIP RN50 as a TorchScript archive that pyiqa's loader rebuilds (as tests/iqa_fixtures.py;
-    copied so that a GPU image without pytest can run the benchmark)."""
+    """A random CLIP RN50 as a TorchScript archive whose state_dict pyiqa's loader rebuilds.
+
+    Used by the GPU benchmarks and by tests/iqa_fixtures.py (so it imports no pytest).
+    """
     import torch
     from pyiqa.archs.clip_model import CLIP
 

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from benchmarks.random_weights import (
+    write_random_clip_archive,  # the one random CLIP RN50 builder
+)
 from qtlib.imageio import to_tensor
 
 
@@ -46,33 +48,6 @@ def prepared() -> Path:
     report = weights.prepare()
     assert all(f.verification.ok for f in report.files)
     return report.cache_dir
-
-
-class _Holder(nn.Module):
-    """A TorchScript-able node that only carries tensors (the layout of OpenAI's CLIP archives)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def write_random_clip_archive(path: Path, seed: int = 0) -> None:
-    """Save a randomly initialised CLIP RN50 as a TorchScript archive whose state_dict pyiqa's loader rebuilds."""
-    from pyiqa.archs.clip_model import CLIP
-
-    torch.manual_seed(seed)
-    # RN50's dimensions, as pyiqa's build_model infers them from OpenAI's file
-    model = CLIP(1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12)
-    root = _Holder()
-    for key, value in model.state_dict().items():
-        *parents, leaf = key.split(".")
-        node = root
-        for name in parents:
-            if not hasattr(node, name):
-                node.add_module(name, _Holder())
-            node = getattr(node, name)
-        node.register_buffer(leaf, value.detach().half().clone())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.script(root).save(str(path))
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def _call_metric(metric: torch.nn.Module, x: Tensor, name: str) -> Tensor:
             try:
                 out[i] = per_image(metric(x[i : i + 1]), 1, name)[0]
             except AssertionError:
-                pass
+                continue  # pyiqa cannot score this image: its entry stays NaN
         return out
 
 
