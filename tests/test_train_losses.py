@@ -316,3 +316,32 @@ def test_l2_target_and_unit_rewards_change_the_second_term() -> None:
     assert terms["best"]["pref_second"] > terms["poorest"]["pref_second"]  # S_tea 9 > 3: harder to beat
     # on [0, 1] the gap r_h - S_tea shrinks tenfold, so L2 moves toward -log sigmoid(0) = log 2
     assert abs(terms["unit"]["pref_second"] - math.log(2)) < abs(terms["poorest"]["pref_second"] - math.log(2))
+
+
+def test_pref_params_injection_keeps_the_preference_out_of_the_backbone() -> None:
+    """pref.params: injection -- the backbone gets exactly the gradient of the step without L_pref, the
+    injection weights exactly that of the full step; the logged loss still includes L_pref."""
+    base = Losses(pref=PrefLoss(weight=1.0), cropped=CroppedLoss(weight=0.0))
+    sw = replace(FULL, cropped=False)
+    batch = _batch()
+
+    def grads(losses: Losses) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        ctx = _ctx(sw, losses)[0]
+        terms = train_step(ctx, batch, step=0).terms
+        inj = {id(p) for p in ctx.student.injection_parameters()}
+        return {("inj." if id(p) in inj else "bb.") + n: p.grad.clone()
+                for n, p in ctx.student.named_parameters() if p.grad is not None}, terms
+
+    full, t_full = grads(base)
+    only, t_only = grads(replace(base, pref=replace(base.pref, params="injection")))
+    without, _ = grads(replace(base, pref=replace(base.pref, weight=0.0)))
+    bb = [k for k in full if k.startswith("bb.")]
+    inj = [k for k in full if k.startswith("inj.")]
+    assert bb and inj
+    # L_pref does reach the backbone by default (by far more than the rounding of a differently stacked pass)
+    assert any(not torch.allclose(full[k], without[k], rtol=1e-3, atol=1e-4) for k in bb)
+    for k in bb:
+        torch.testing.assert_close(only[k], without[k], rtol=1e-4, atol=1e-5)
+    for k in inj:
+        torch.testing.assert_close(only[k], full[k], rtol=1e-5, atol=1e-7)
+    assert t_only["loss"] == pytest.approx(t_full["loss"], rel=1e-6)

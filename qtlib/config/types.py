@@ -174,6 +174,7 @@ class PrefLoss:
     reg_anchor: Literal["round", "initial"] = "round"
     l2_target: Literal["poorest", "best"] = "poorest"
     unit_rewards: bool = False
+    params: Literal["all", "injection"] = "all"
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,7 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
     lc = ctx.losses
     y, y_h, y_l, y_crop, y_sup = _student_outputs(ctx, batch, on)
     terms = dict.fromkeys(TERMS, math.nan)
+    injection_only: torch.Tensor | None = None  # L_pref with train.losses.pref.params: injection
     total = y.sum() * 0.0  # keeps the graph (and DDP's hooks) when no term is on yet
     if on["rec"]:
         rec = weighted_l1(y, batch.target, batch.weight if ctx.switches.block_weighting else None)
@@ -272,7 +273,11 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
         unit = 0.1 if lc.pref.unit_rewards else 1.0  # [0, 1] rewards: delta is a fraction of the range
         pt = preference_terms(r_h * unit, r_l * unit, s_tea * unit, lc.pref.beta, lc.pref.delta)
         reg = injection_reg(ctx.student.injection_parameters(), ctx.init_params)
-        total = total + lc.pref.weight * (pt.first + lc.pref.second_weight * pt.second + lc.pref.reg_weight * reg)
+        pref = lc.pref.weight * (pt.first + lc.pref.second_weight * pt.second + lc.pref.reg_weight * reg)
+        if lc.pref.params == "all":
+            total = total + pref
+        else:
+            injection_only = pref
         terms.update(pref_first=pt.first.item(), pref_second=pt.second.item(), pref_reg=reg.item(),
                      reward_high=r_h.mean().item(), reward_low=r_l.mean().item())
     if on["cropped"]:
@@ -283,10 +288,35 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
     if y_sup is not None:
         total, terms["sup"] = _supervised(ctx, y_sup, batch.sup_y, total)
     ctx.optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    if injection_only is None:
+        total.backward()
+    else:
+        total = _backward_injection_only(ctx, total, injection_only)
     stepped = step_if_finite(ctx.optimizer, total)
     terms["loss"] = total.item()
     return StepOutput(total.detach(), terms, stepped)
+
+
+def _backward_injection_only(ctx: StepContext, total: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
+    """Backward of ``total + pref`` in which ``pref`` reaches only the score-injection weights.
+
+    ``pref``'s gradient with respect to the injection weights is taken first (keeping the graph),
+    then ``total`` is backpropagated as usual and that gradient added to theirs. Under DDP the added
+    part is averaged over the ranks here (DDP's own hooks average only what ``backward`` accumulates).
+    Returns ``total + pref`` (detached), the loss the step logs and checks.
+    """
+    params = ctx.student.injection_parameters()
+    grads = torch.autograd.grad(pref, params, retain_graph=True, allow_unused=True)
+    total.backward()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    for p, g in zip(params, grads, strict=True):
+        if g is None:
+            continue
+        if world > 1:
+            torch.distributed.all_reduce(g)
+            g = g / world
+        p.grad = g if p.grad is None else p.grad + g
+    return (total + pref).detach()
 
 
 def build_step_context(
