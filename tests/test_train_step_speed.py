@@ -7,6 +7,7 @@ import torch
 from qtlib.models import build_model
 from qtlib.train import StepContext, StudentPasses, train_step
 from qtlib.train.step import pass_chunk
+from tests.iqa_fixtures import prepared  # noqa: F401  (fixture)
 from tests.test_train_losses import FULL, TINY, _batch, _toy_reward
 from qtlib.config.types import Losses
 
@@ -89,3 +90,35 @@ def test_encoder_side_injection_does_not_share() -> None:
     x, rows = torch.rand(2, 3, 16, 16), torch.tensor([0, 1, 1])
     torch.testing.assert_close(model.forward_rows(x, rows, torch.tensor([1.0, 2.0, 7.0])),
                                model(x[rows], torch.tensor([1.0, 2.0, 7.0])))
+
+
+def test_fast_passes_switch_builds_the_plain_stack() -> None:
+    """compute.fast_passes: false -> one plain call (no chunks, no shared encoder), the same step to rounding."""
+    from qtlib.config import load_config
+    from qtlib.train.step import build_passes
+
+    student = build_model(TINY)
+    fast, plain = build_passes(student, 4, torch.device("cpu")), build_passes(student, 4, torch.device("cpu"), False)
+    assert (fast.chunk, fast.share_encoder) == (4, True)
+    assert (plain.chunk, plain.share_encoder) == (None, False)
+    assert pass_chunk(4, torch.device("cpu"), fast=False) is None
+    assert load_config(overrides={"compute": {"fast_passes": False}}).compute.fast_passes is False
+    x = torch.rand(2, 3, 32, 32)
+    rows, score = torch.tensor([0, 1, 0, 1, 1]), torch.tensor([7.0, 7.0, 3.0, 2.0, 5.0])
+    got, _ = plain(x, score, rows=rows)
+    torch.testing.assert_close(got, student(x[rows], score))
+    torch.testing.assert_close(fast(x, score, rows=rows)[0], got, rtol=1e-4, atol=1e-5)
+
+
+def test_iqa_fast_paths_switch_reaches_scoring_and_rewards(prepared) -> None:  # noqa: F811
+    """iqa.fast_paths: false -> pyiqa's own BRISQUE in the ensemble and in the reward."""
+    from dataclasses import replace
+
+    from qtlib.config.types import IQAConfig, Member
+    from qtlib.iqa import Ensemble, Reward
+
+    cfg = IQAConfig(ensemble=(Member("brisque", 1.0),))
+    for fast, name in ((True, "FastBRISQUE"), (False, "BRISQUE")):
+        c = replace(cfg, fast_paths=fast)
+        assert type(Reward(c).metrics["brisque"].net).__name__ == name
+    assert type(Ensemble(replace(cfg, fast_paths=False)).metrics["brisque"].net).__name__ == "BRISQUE"

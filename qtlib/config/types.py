@@ -21,6 +21,7 @@ Augmentation = Literal["identity", "hflip", "vflip", "rot90"]
 class ComputeConfig:
     deterministic: bool = True
     bf16: bool = False
+    fast_passes: bool = True
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class IQAConfig:
     blocks: tuple[int, int] = (2, 2)
     batch_size: int = 16
     allow_download: bool = False
+    fast_paths: bool = True
 
 
 @dataclass(frozen=True)

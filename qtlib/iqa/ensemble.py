@@ -158,14 +158,14 @@ class Ensemble:
         cfg: ``iqa`` section of the config (members, weights, block grid, batch size,
             whether downloads are allowed).
         device: where the metrics run. Scores are returned on the device of the input.
-        fast: the catalog's fast paths (False: pyiqa's own code only, for baselines).
+        fast: the catalog's fast paths (False: pyiqa's own code only, for baselines; None: ``cfg.fast_paths``).
 
     Raises:
         MissingWeightsError: a member's weights are not in pyiqa's cache.
         UnknownMetricError / ValueError: a bad member list.
     """
 
-    def __init__(self, cfg: IQAConfig, device: str | torch.device = "cpu", *, fast: bool = True) -> None:
+    def __init__(self, cfg: IQAConfig, device: str | torch.device = "cpu", *, fast: bool | None = None) -> None:
         weights = ensemble_members(cfg)
         self.cfg = cfg
         self.device = torch.device(device)
@@ -173,7 +173,7 @@ class Ensemble:
         self.weights: tuple[float, ...] = tuple(weights.values())
         self.infos: dict[str, MetricInfo] = {m: get_info(m) for m in self.members}
         # fast=False: pyiqa's own code paths only (the catalog's fast paths off), e.g. for a baseline
-        self.metrics = {m: create_metric(m, self.device, allow_download=cfg.allow_download, fast=fast)
+        self.metrics = {m: create_metric(m, self.device, allow_download=cfg.allow_download, fast=cfg.fast_paths if fast is None else fast)
                         for m in self.members}
 
     def score(self, images: Tensor) -> EnsembleScores:

@@ -79,7 +79,7 @@ class Reward(nn.Module):
         self.excluded: tuple[str, ...] = excluded
         self.constant: frozenset[str] = frozenset(m for m in self.members if not grad.get(m, True))
         self.metrics = nn.ModuleDict(
-            {m: create_metric(m, device, as_loss=True, allow_download=cfg.allow_download) for m in self.members}
+            {m: create_metric(m, device, as_loss=True, allow_download=cfg.allow_download, fast=cfg.fast_paths) for m in self.members}
         )
         for p in self.metrics.parameters():
             p.requires_grad_(False)

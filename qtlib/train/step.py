@@ -116,9 +116,15 @@ def crop_side(patch: int, fraction: float) -> int:
     return max(1, round(fraction * patch))
 
 
-def pass_chunk(batch_size: int, device: torch.device) -> int | None:
-    """Images per student call inside :class:`StudentPasses`: the batch size on a CPU, no limit elsewhere."""
-    return batch_size if device.type == "cpu" else None
+def pass_chunk(batch_size: int, device: torch.device, fast: bool = True) -> int | None:
+    """Images per student call inside :class:`StudentPasses`: the batch size on a CPU, no limit elsewhere
+    (and none when ``fast`` is False: ``compute.fast_passes``)."""
+    return batch_size if device.type == "cpu" and fast else None
+
+
+def build_passes(student: nn.Module, batch_size: int, device: torch.device, fast: bool = True) -> StudentPasses:
+    """The :class:`StudentPasses` of a round: chunked and encoder-sharing when ``fast`` (``compute.fast_passes``)."""
+    return StudentPasses(student, chunk=pass_chunk(batch_size, device, fast), share_encoder=fast)
 
 
 class StudentPasses(nn.Module):
@@ -133,18 +139,21 @@ class StudentPasses(nn.Module):
     Args:
         student: the student (any built model: ``student(x, score)``).
         chunk: at most this many images per student call (None: one call).
+        share_encoder: run the score-independent encoder once per input (``forward_rows``); False =
+            every pass of an input is a full forward (``compute.fast_passes: false``).
 
     Shape:
         - x: (N, 3, P, P), score: (N,) or None; crops: (B, 3, c, c), crop_score: (B,) or None.
         - Output: (student(x, score), student(crops, crop_score) or None).
     """
 
-    def __init__(self, student: nn.Module, chunk: int | None = None) -> None:
+    def __init__(self, student: nn.Module, chunk: int | None = None, share_encoder: bool = True) -> None:
         super().__init__()
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk: expected None or >= 1, got {chunk}")
         self.student = student
         self.chunk = chunk
+        self.share_encoder = share_encoder
 
     def _run(self, x: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
         if self.chunk is None or x.shape[0] <= self.chunk:
@@ -153,6 +162,8 @@ class StudentPasses(nn.Module):
         return torch.cat([self.student(xc, sc) for xc, sc in zip(x.split(self.chunk), scores, strict=True)])
 
     def _run_rows(self, x: torch.Tensor, rows: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        if not self.share_encoder:
+            return self._run(x.index_select(0, rows), score)
         return self.student.forward_rows(x, rows, score, self.chunk)
 
     def forward(
@@ -328,6 +339,7 @@ def build_step_context(
     *,
     top_score: float,
     bf16: bool = False,
+    fast_passes: bool = True,
     passes: nn.Module | None = None,
     reward: RewardFn | None = None,
     perceptual: str | None = None,
@@ -342,8 +354,9 @@ def build_step_context(
         device: where the step runs.
         top_score: the merged top condition level (``model.conditioning.top_score``).
         bf16: autocast the student passes (``compute.bf16``).
+        fast_passes: chunked, encoder-sharing passes when ``passes`` is not given (``compute.fast_passes``).
         passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one, chunked
-            to ``train.batch_size`` images per call on a CPU, one call elsewhere).
+            to ``train.batch_size`` images per call on a CPU, one call elsewhere; :func:`build_passes`).
         reward: one reward function for both reward terms (default: the IQA ensemble, built only when
             a reward term is on: one for patch-sized, one for crop-sized images).
         perceptual: the resolved perceptual kind (default: resolve ``train.losses.per.kind`` now).
@@ -358,7 +371,7 @@ def build_step_context(
     if init_params is None:
         init_params = [p.detach().clone() for p in student.injection_parameters()]
     if passes is None:
-        passes = StudentPasses(student, chunk=pass_chunk(train.batch_size, device))
+        passes = build_passes(student, train.batch_size, device, fast_passes)
     return StepContext(passes, student, optimizer, sw,
                        train.losses, top_score, crop, full_reward, crop_reward,
                        build_perceptual(sw.perceptual, device), init_params, device, bf16)
