@@ -77,6 +77,19 @@ def test_input_labels_below_the_poorest_pl() -> None:
         add_input_labels(s, {"b": 1.0}, 7.0)
 
 
+def test_with_input_labels_marks_kept_rows_and_checks_ids() -> None:
+    from qtlib.train.inputs import input_labels_schema, with_input_labels
+
+    pls = build_samples(_bank(), "qualiteacher", top_score=7.0, score_condition=True)
+    scores = pd.DataFrame({"image_id": ["a", "b"], "source_index": [0, 1], "S": [2.0, 5.0], "norm_brisque": [.2, .5]})
+    labels = with_input_labels(pls, scores, 7.0, "images.zarr")
+    assert list(labels.scores["kept"]) == [True, False] and list(labels.kept["image_id"]) == ["a"]
+    assert list(labels.scores.columns) == input_labels_schema(["brisque"]).names
+    assert len(labels.samples) == 6 and labels.samples.image_id[5] == "a"
+    with pytest.raises(ValueError, match="images.zarr: row 1 is image 'c', the bank says 'b'"):
+        with_input_labels(pls, scores.assign(image_id=["a", "c"]), 7.0, "images.zarr")
+
+
 def test_plan_is_deterministic_and_ranks_do_not_overlap() -> None:
     args = {"n_samples": 5, "global_batch": 4, "image_size": (64, 64), "patch": 32, "crop": 16,
             "low_levels": (4.0, 5.0, 6.0), "seed": 0, "round_": 1, "epoch": 0}
