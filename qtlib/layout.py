@@ -17,6 +17,7 @@ the results folder (:data:`LABEL_STORE`), so a results folder can move.
     <root>/round_<r>/labels/shard_<k>.zarr         pseudo-labels + block score maps
     <root>/round_<r>/ledger/shard_<k>.parquet      the score ledger
     <root>/round_<r>/{gate,bank,losses}.parquet, student.pt, teacher.pt
+    <root>/round_<r>/input_labels.parquet          input scores, with train.input_labels (not a rule output)
     <root>/eval/{metrics.parquet,summary.md,plots/}
     <root>/logs/
 """
@@ -41,6 +42,8 @@ LABEL_STORE = f"{ROUND}/{ROUND_LABEL_STORE}"
 LEDGER = f"{ROUND}/{ROUND_LEDGER}"
 #: Suffix of a stage's step checkpoint beside its final checkpoint (``student.pt.partial``).
 STEP_CHECKPOINT_SUFFIX = ".partial"
+#: Beside a round's student: the scores of its input labels (``train.input_labels``).
+INPUT_LABELS = "input_labels.parquet"
 
 SPLITS = ("paired", "unlabeled", "test")
 
@@ -49,6 +52,11 @@ def step_checkpoint(final: str | Path) -> Path:
     """The step checkpoint of an unfinished training stage: ``<final>.partial`` beside ``final``."""
     final = Path(final)
     return final.with_name(final.name + STEP_CHECKPOINT_SUFFIX)
+
+
+def input_labels_beside(student: str | Path) -> Path:
+    """The input-label scores of a round: ``input_labels.parquet`` beside its student checkpoint."""
+    return Path(student).with_name(INPUT_LABELS)
 
 
 def portable(path: str | Path, base: str | Path) -> str:
@@ -152,6 +160,9 @@ class Layout:
 
     def losses(self, r: Index) -> Path:
         return self.round_dir(r) / "losses.parquet"
+
+    def input_labels(self, r: Index) -> Path:
+        return input_labels_beside(self.student(r))
 
     def teacher_of(self, r: int) -> Path:
         """The teacher that labels round r: the EMA teacher of round r-1, or the pretrained model."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtlib.layout import LABEL_STORE, Layout, label_store_column, portable, step_checkpoint
+from qtlib.layout import LABEL_STORE, Layout, input_labels_beside, label_store_column, portable, step_checkpoint
 
 
 def test_round_paths_and_wildcards() -> None:
@@ -16,6 +16,7 @@ def test_round_paths_and_wildcards() -> None:
     assert lay.teacher_of(0) == lay.pretrained and lay.teacher_of(2) == Path("res/round_1/teacher.pt")
     assert lay.student_of(1) == Path("res/round_0/student.pt")
     assert step_checkpoint(lay.student(0)) == Path("res/round_0/student.pt.partial")
+    assert lay.input_labels(0) == Path("res/round_0/input_labels.parquet") == input_labels_beside(lay.student(0))
     assert lay.root / LABEL_STORE.format(r=3, k=1) == lay.label_store(3, 1)
 
 

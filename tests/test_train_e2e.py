@@ -33,7 +33,7 @@ from qtlib.layout import Layout
 from qtlib.cli import main
 from qtlib.config import config_from_dict
 from qtlib.config.types import Config
-from qtlib.data.store import StoreWriter, commit_path
+from qtlib.data.store import ImageStore, StoreWriter, commit_path
 from qtlib.gate import run_gate
 from qtlib.label import label_shard
 from qtlib.models import load_checkpoint
@@ -168,6 +168,43 @@ def test_baselines_run(world: dict[str, Path], tmp_path: Path, method: str) -> N
     n_images = pd.read_parquet(world["bank"])["image_id"].nunique()
     if method == "filter_mt":
         assert r.n_samples == n_images
+
+
+def test_input_labels_round(world: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """train.input_labels: every image of the bank scored, the kept inputs added as samples at their own S."""
+    from qtlib.iqa import Ensemble
+    from qtlib.train.inputs import input_labels_schema
+
+    cheap = {"preference": False, "cropped": False}
+    bank = pd.read_parquet(world["bank"])
+    cfg = _config(input_labels=True, checkpoint_every=1, **cheap)
+    with caplog.at_level("INFO", logger="qtlib.train.loop"):
+        r = _round(world, tmp_path, cfg)
+    assert r.student and r.switches.input_labels
+    table = pd.read_parquet(tmp_path / "input_labels.parquet")  # beside the student
+    assert list(table.columns) == input_labels_schema(["brisque"]).names
+    assert sorted(table["image_id"]) == sorted(bank["image_id"].unique())  # a row per image of the bank
+    poorest = bank.groupby("image_id")["S"].min().loc[table["image_id"]].to_numpy()
+    assert np.array_equal(table["kept"], np.isfinite(table["S"]) & (table["S"] < poorest) & (table["S"] < 7.0))
+    assert table["kept"].any(), table  # else the round below tests nothing
+    assert r.n_samples == len(bank) + int(table["kept"].sum())  # the sample count grew
+    assert f"{int(table['kept'].sum())} of {len(table)} inputs added" in caplog.text
+    # the scores are the labelling ensemble's on the stored pixels
+    x = ImageStore(world["images"]).read_tensor(table["source_index"].to_numpy())
+    again = Ensemble(_config().iqa, "cpu").score(x)
+    assert np.allclose(table["S"], again.S.double().numpy(), atol=1e-3)
+    assert np.allclose(table["norm_brisque"], again.normalized["brisque"].double().numpy(), atol=1e-4)
+    cut = _round(world, tmp_path / "cut", cfg, stop_after=1)
+    with pytest.raises(ValueError, match="other inputs or another config"):  # the switch is in the fingerprint
+        _round(world, tmp_path / "x", _config(checkpoint_every=1, **cheap), resume=cut.partial)
+    rest = _round(world, tmp_path / "cut", cfg)  # a resumed round recomputes the same samples
+    assert rest.resumed_from == 1 and rest.n_samples == r.n_samples
+    _states_equal(r.student, rest.student)
+    assert (tmp_path / "cut" / "input_labels.parquet").read_bytes() == (tmp_path / "input_labels.parquet").read_bytes()
+    off = _round(world, tmp_path / "off", _config(**cheap))
+    assert off.n_samples == len(bank) and not (tmp_path / "off" / "input_labels.parquet").exists()
+    with pytest.raises(ValueError, match="train.input_labels needs train.method: qualiteacher .*got method plain_mt"):
+        _round(world, tmp_path / "plain", _config(method="plain_mt", input_labels=True))
 
 
 def _states_equal(a: Path, b: Path) -> None:

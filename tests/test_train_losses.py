@@ -275,6 +275,12 @@ def test_resolve_switches_methods_and_exceptions() -> None:
     with pytest.raises(ValueError, match="no score conditioning"):
         resolve_switches(tc, conditioned=False)
     assert not resolve_switches(replace(tc, losses=replace(tc.losses, pref=PrefLoss(weight=0))), True).preference
+    assert resolve_switches(replace(tc, input_labels=True), conditioned=True).input_labels
+    rejected = (({"method": "plain_mt"}, "got method plain_mt"), ({"method": "filter_mt"}, "got method filter_mt"),
+                ({"score_condition": False, "preference": False}, "got score_condition: false"))
+    for bad, why in rejected:
+        with pytest.raises(ValueError, match=f"train.input_labels needs train.method: qualiteacher .*{why}"):
+            resolve_switches(replace(tc, input_labels=True, **bad), conditioned=True)
 
 
 def test_determinism_switch_is_scoped() -> None:

@@ -12,8 +12,10 @@ from qtlib.data.store import StoreWriter, commit_path
 from qtlib.train.samples import (
     BankReader,
     PairedReader,
+    add_input_labels,
     build_samples,
     draw_epoch_plan,
+    input_label_kept,
     rank_slots,
     select_bank_rows,
     steps_per_epoch,
@@ -54,6 +56,40 @@ def test_samples_unconditioned_and_filter_mt() -> None:
         select_bank_rows(_bank().drop(columns="blocks_S"), "qualiteacher")
 
 
+def test_input_labels_below_the_poorest_pl() -> None:
+    pls = build_samples(_bank(), "qualiteacher", top_score=7.0, score_condition=True)
+    s = add_input_labels(pls, {"b": 4.0, "a": 2.5}, top_score=7.0)  # b's input ties its poorest PL (4.0)
+    assert len(s) == 6 and list(s.is_input) == [False] * 5 + [True]
+    for f in ("image_id", "cond", "store", "index", "aug_index", "s_poor", "s_best"):
+        assert list(getattr(s, f)[:5]) == list(getattr(pls, f)), f  # the PL samples unchanged, first
+    assert (s.image_id[5], s.source_index[5], s.cond[5]) == ("a", 0, 2.5)  # condition = the input's own S
+    assert (s.store[5], s.index[5], s.aug_index[5]) == ("", -1, -1)  # no PL pointer
+    assert s.blocks[5].tolist() == [1.0] * 4 and (s.s_poor[5], s.s_best[5]) == (3.0, 7.5)
+    assert not pls.is_input.any()  # the default
+    kept = input_label_kept(pls, {"a": 3.0, "b": float("nan")}, top_score=7.0)
+    assert not kept.any()  # at the poorest PL, or unscorable: no lower anchor
+    assert input_label_kept(pls, {"a": 2.5, "b": 3.9}, top_score=7.0).all()
+    assert not input_label_kept(pls, {"a": 2.5}, top_score=2.0).any()  # never at or above the top level
+    assert len(add_input_labels(pls, {"a": 9.0, "b": 5.0}, 7.0)) == 5
+    with pytest.raises(ValueError, match="images c have no PL sample"):
+        add_input_labels(pls, {"a": 1.0, "c": 1.0}, 7.0)
+    with pytest.raises(ValueError, match="added already"):
+        add_input_labels(s, {"b": 1.0}, 7.0)
+
+
+def test_with_input_labels_marks_kept_rows_and_checks_ids() -> None:
+    from qtlib.train.inputs import input_labels_schema, with_input_labels
+
+    pls = build_samples(_bank(), "qualiteacher", top_score=7.0, score_condition=True)
+    scores = pd.DataFrame({"image_id": ["a", "b"], "source_index": [0, 1], "S": [2.0, 5.0], "norm_brisque": [.2, .5]})
+    labels = with_input_labels(pls, scores, 7.0, "images.zarr")
+    assert list(labels.scores["kept"]) == [True, False] and list(labels.kept["image_id"]) == ["a"]
+    assert list(labels.scores.columns) == input_labels_schema(["brisque"]).names
+    assert len(labels.samples) == 6 and labels.samples.image_id[5] == "a"
+    with pytest.raises(ValueError, match="images.zarr: row 1 is image 'c', the bank says 'b'"):
+        with_input_labels(pls, scores.assign(image_id=["a", "c"]), 7.0, "images.zarr")
+
+
 def test_plan_is_deterministic_and_ranks_do_not_overlap() -> None:
     args = {"n_samples": 5, "global_batch": 4, "image_size": (64, 64), "patch": 32, "crop": 16,
             "low_levels": (4.0, 5.0, 6.0), "seed": 0, "round_": 1, "epoch": 0}
@@ -78,19 +114,24 @@ def _coded_images(n: int, size: int) -> np.ndarray:
     return np.stack([img] * n)
 
 
-def test_bank_reader_reads_aligned_windows(tmp_path) -> None:
-    size, patch = 64, 24
+def _write_stores(root, size: int) -> None:
+    """images.zarr of two coded images, and label stores of both shards with PL = image + 1 + aug."""
     images = _coded_images(2, size)
-    writer = StoreWriter(tmp_path / "images.zarr", 2, size)
+    writer = StoreWriter(root / "images.zarr", 2, size)
     for i, img in enumerate(images):
         writer.append(f"img{i}", img.transpose(1, 2, 0))
     writer.close({})
-    commit_path(writer.tmp, tmp_path / "images.zarr")
+    commit_path(writer.tmp, root / "images.zarr")
     for shard in (0, 1):
-        g = zarr.open_group(str(tmp_path / f"round_0/labels/shard_{shard}.zarr"), mode="w")
-        labels = np.stack([np.stack([images[i] + 1 + k for k in range(3)]) for i in range(2)])  # PL = image + 1 + aug
+        g = zarr.open_group(str(root / f"round_0/labels/shard_{shard}.zarr"), mode="w")
+        labels = np.stack([np.stack([images[i] + 1 + k for k in range(3)]) for i in range(2)])
         g.create_array("labels", data=labels.astype(np.uint8), chunks=(1, 3, 3, size, size))
         g.create_array("blocks_S", data=np.ones((2, 3, 2, 2), dtype=np.float32))
+
+
+def test_bank_reader_reads_aligned_windows(tmp_path) -> None:
+    size, patch = 64, 24
+    _write_stores(tmp_path, size)
     samples = build_samples(_bank(), "qualiteacher", 7.0, True)
     reader = BankReader(samples, tmp_path / "images.zarr", tmp_path, patch)
     plan = draw_epoch_plan(len(samples), 5, (size, size), patch, 12, (4.0,), 0, 0, 0)
@@ -108,6 +149,28 @@ def test_bank_reader_reads_aligned_windows(tmp_path) -> None:
         rows = torch.arange(top, top + patch)[:, None].expand(patch, patch)
         expected = torch.where(rows < size // 2, s, 1.0) / ((s + 1) / 2)
         assert torch.allclose(batch.weight[j, 0], expected)
+
+
+def test_bank_reader_input_sample_targets_its_input(tmp_path) -> None:
+    size, patch = 64, 24
+    _write_stores(tmp_path, size)
+    samples = add_input_labels(build_samples(_bank(), "qualiteacher", 7.0, True), {"a": 2.0, "b": 1.0}, 7.0)
+    reader = BankReader(samples, tmp_path / "images.zarr", tmp_path, patch)  # no label store for "" targets
+    plan = draw_epoch_plan(len(samples), 7, (size, size), patch, 12, (4.0,), 0, 0, 0)
+    batch = reader.read(plan, np.arange(7))
+    inputs = [j for j in range(7) if samples.is_input[plan.sample[j]]]
+    assert len(inputs) == 2
+    for j in range(7):
+        i = plan.sample[j]
+        x = (batch.x[j] * 255).round().to(torch.uint8)
+        assert x[0, 0, 0].item() == plan.patch_yx[j][0] and x[1, 0, 0].item() == plan.patch_yx[j][1]
+        diff = (batch.target[j] * 255).round() - (batch.x[j] * 255).round()
+        if j in inputs:
+            assert torch.equal(batch.target[j], batch.x[j])  # the input patch itself
+            assert torch.equal(batch.weight[j], torch.ones(1, patch, patch))
+            assert batch.cond[j].item() == {"a": 2.0, "b": 1.0}[samples.image_id[i]]
+        else:
+            assert torch.all(diff == 1 + samples.aug_index[i])  # PL samples read as before
 
 
 def test_paired_reader_deterministic_per_step(tmp_path) -> None:

@@ -220,6 +220,7 @@ class TrainConfig:
     score_condition: bool = True
     preference: bool = True
     cropped: bool = True
+    input_labels: bool = False
     losses: Losses = Losses()
 
 

@@ -15,6 +15,7 @@ Loss terms are pure functions in :mod:`qtlib.train.losses`; one step of eq. (11)
 in :mod:`qtlib.train.step`; the round (EMA, step checkpoints, DDP ranks)
 in :mod:`qtlib.train.loop`; the typed training state and resume (both stages) in
 :mod:`qtlib.train.state`; data sampling and epoch plans in :mod:`qtlib.train.samples`;
+the input labels (``train.input_labels``) in :mod:`qtlib.train.inputs`;
 process groups in :mod:`qtlib.train.ddp`; the perceptual loss in
 :mod:`qtlib.train.perceptual`.
 """

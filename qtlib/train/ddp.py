@@ -94,3 +94,12 @@ def barrier(world: World) -> None:
     """Wait for every rank (a no-op in a single process)."""
     if world.distributed:
         dist.barrier()
+
+
+def broadcast_object(obj: Any, world: World) -> Any:
+    """Rank 0's picklable ``obj`` on every rank (returned as is in a single process)."""
+    if not world.distributed:
+        return obj
+    box = [obj if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -8,7 +8,9 @@ student, AdamW, the EMA teacher, RNG states and the typed
 :class:`~qtlib.train.state.TrainState` (step = the sampler position: the epoch
 plan is redrawn from the seed; global step; the log so far); a matching one is
 resumed automatically (:mod:`qtlib.train.state`). ``train.gpus > 1`` runs the same
-function on spawned DDP ranks (:mod:`qtlib.train.ddp`).
+function on spawned DDP ranks (:mod:`qtlib.train.ddp`). With ``train.input_labels`` the
+samples also hold each image's degraded input, scored when the round starts
+(:mod:`qtlib.train.inputs`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from qtlib.config.loader import to_dict
 from qtlib.config.types import ComputeConfig, IQAConfig, ModelConfig, TrainConfig
-from qtlib.layout import portable, step_checkpoint
+from qtlib.layout import input_labels_beside, portable, step_checkpoint
 from qtlib.ledger import write_table
 from qtlib.models import (
     EMA,
@@ -44,10 +46,12 @@ from qtlib.train import ddp
 from qtlib.train.compute import determinism as determinism_switch
 from qtlib.train.compute import process_seed, seed_everything
 from qtlib.train.guard import NonFiniteGuard
+from qtlib.train.inputs import describe, score_sample_inputs, with_input_labels, write_input_labels
 from qtlib.train.samples import (
     BankReader,
     EpochPlan,
     PairedReader,
+    TrainSamples,
     build_samples,
     draw_epoch_plan,
     rank_slots,
@@ -246,6 +250,8 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     ctx = build_step_context(student, opt, tc, spec.iqa, dev, top_score=float(mc.conditioning.top_score),
                              bf16=spec.compute.bf16, passes=passes, reward=reward, init_params=_w_init(spec, dev))
     samples = build_samples(pd.read_parquet(spec.paths.bank), tc.method, ctx.top_score, ctx.switches.score_condition)
+    if ctx.switches.input_labels:
+        samples = _input_labels(world, spec, samples, ctx.top_score)
     reader = BankReader(samples, spec.paths.images, spec.paths.results_dir, tc.patch_size)
     global_batch = tc.batch_size * world.size
     per_epoch = steps_per_epoch(len(samples), global_batch)
@@ -261,6 +267,20 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     total = tc.steps if tc.steps > 0 else per_epoch * tc.epochs
     guard = NonFiniteGuard(tc.max_nonfinite_steps, f"train round {spec.round}")
     return _Round(spec, world, mc, student, opt, ema, ctx, reader, _paired_reader(spec), per_epoch, total, guard), st
+
+
+def _input_labels(world: ddp.World, spec: RoundSpec, samples: TrainSamples, top_score: float) -> TrainSamples:
+    """The samples plus their input samples (``train.input_labels``); rank 0 writes the scores beside the student.
+
+    Rank 0 scores the inputs and sends the scores to the other ranks, so that every rank holds the
+    same samples; a resumed round recomputes them (and rewrites equal scores).
+    """
+    scores = score_sample_inputs(samples, spec.paths.images, spec.iqa, world.device) if world.is_main else None
+    labels = with_input_labels(samples, ddp.broadcast_object(scores, world), top_score, spec.paths.images)
+    if world.is_main:
+        write_input_labels(labels.scores, input_labels_beside(spec.paths.out_student))
+        _log.info("round %d: %s", spec.round, describe(labels))
+    return labels.samples
 
 
 def _w_init(spec: RoundSpec, device: torch.device) -> list[torch.Tensor] | None:

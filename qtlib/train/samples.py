@@ -7,6 +7,11 @@ the score of the image's poorest PL (for L2 of eq. 8). When the condition is
 at the top level (S >= top_score) the target is the image's best PL instead
 (paper, sec. 3.3), with that PL's block scores.
 
+With ``train.input_labels`` an image also has an *input sample*
+(:func:`add_input_labels`): its degraded input as the target, at the input's
+own score, with uniform weights, a lower point on the quality ladder than its
+PLs (which all come from one teacher and score nearly alike).
+
 Every random choice of an epoch (order, patch positions, the y_l level of the
 preference pair, the cropped-consistency window) is drawn once, up front, by
 :func:`draw_epoch_plan` from a generator seeded by (seed, round, epoch), and
@@ -18,8 +23,8 @@ global batch (:func:`rank_slots`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -70,9 +75,11 @@ class TrainSamples:
         image_id: the unlabeled image.
         source_index: its row in the unlabeled ``images.zarr``.
         cond: the condition score (the PL's S; ``top_score`` when unconditioned).
-        store, index, aug_index: where the target PL's pixels are (store relative to results_dir).
-        blocks: (n, gh*gw) block scores of the target PL, row-major.
+        store, index, aug_index: where the target PL's pixels are (store relative to results_dir);
+            unused ("", -1, -1) for input samples.
+        blocks: (n, gh*gw) block scores of the target PL, row-major (ones for input samples).
         s_poor, s_best: S of the image's poorest and best PL in the selection.
+        is_input: the target is the degraded input itself (:func:`add_input_labels`); default all False.
     """
 
     image_id: np.ndarray
@@ -84,6 +91,11 @@ class TrainSamples:
     blocks: np.ndarray
     s_poor: np.ndarray
     s_best: np.ndarray
+    is_input: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.is_input is None:  # frozen: set the default once, here
+            object.__setattr__(self, "is_input", np.zeros(len(self.image_id), dtype=bool))
 
     def __len__(self) -> int:
         return len(self.image_id)
@@ -121,6 +133,83 @@ def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_co
         s_poor=groups["S"].transform("min").to_numpy(dtype=np.float32),
         s_best=groups["S"].transform("max").to_numpy(dtype=np.float32),
     )
+
+
+def _input_scores(input_scores: Mapping[str, float] | pd.Series) -> pd.Series:
+    scores = pd.Series(input_scores, dtype=np.float64)
+    if scores.index.has_duplicates:
+        raise ValueError(f"input_scores: image {scores.index[scores.index.duplicated()][0]} is scored twice")
+    return scores
+
+
+def input_label_kept(samples: TrainSamples, input_scores: Mapping[str, float] | pd.Series,
+                     top_score: float) -> pd.Series:
+    """Which scored inputs become input samples: S finite, below the image's poorest PL and the top level.
+
+    An input that scores at or above its own restorations is no lower anchor, and one at the top
+    level would teach the top condition to copy the input. Compared as float32, the type of ``cond``.
+
+    Args:
+        samples: the PL samples (:func:`build_samples`), no input samples yet.
+        input_scores: ensemble S (0..10) of each image's degraded input, by image id.
+        top_score: the merged top level of the conditioning.
+
+    Returns:
+        bool per image of ``input_scores`` (same index).
+
+    Raises:
+        ValueError: an image id twice or without a PL sample, or samples that already hold input samples.
+    """
+    scores = _input_scores(input_scores)
+    if samples.is_input.any():
+        raise ValueError("samples: input labels were added already")
+    poorest = pd.Series(samples.s_poor, index=samples.image_id).groupby(level=0).first()
+    unknown = scores.index.difference(poorest.index)
+    if len(unknown):
+        raise ValueError(f"input_scores: images {', '.join(map(str, unknown[:5]))} have no PL sample")
+    s32 = scores.to_numpy(dtype=np.float32)
+    kept = np.isfinite(s32) & (s32 < poorest.loc[scores.index].to_numpy()) & (s32 < np.float32(top_score))
+    return pd.Series(kept, index=scores.index, dtype=bool)
+
+
+def add_input_labels(samples: TrainSamples, input_scores: Mapping[str, float] | pd.Series,
+                     top_score: float) -> TrainSamples:
+    """``samples`` plus one input sample per image that :func:`input_label_kept` keeps, appended.
+
+    An input sample has the condition = the input's S, the target = the degraded input itself
+    (``is_input``; no label store), uniform block scores (a weight map of ones) and the image's
+    ``s_poor`` / ``s_best`` unchanged. Images come in the order of ``samples``.
+
+    Args:
+        samples: the PL samples (:func:`build_samples`).
+        input_scores: ensemble S (0..10) of each image's degraded input, by image id.
+        top_score: the merged top level of the conditioning.
+
+    Returns:
+        The PL samples, unchanged and first, then the input samples.
+
+    Raises:
+        ValueError: as :func:`input_label_kept`.
+    """
+    scores = _input_scores(input_scores)
+    kept = input_label_kept(samples, scores, top_score)
+    ids, first = np.unique(samples.image_id, return_index=True)
+    order = np.sort(first[np.isin(ids, kept.index[kept].to_numpy())])  # each kept image's first PL row
+    n = len(order)
+    extra = TrainSamples(
+        image_id=samples.image_id[order],
+        source_index=samples.source_index[order],
+        cond=scores.loc[samples.image_id[order]].to_numpy(dtype=np.float32),
+        store=np.full(n, "", dtype=object),
+        index=np.full(n, -1, dtype=np.int64),
+        aug_index=np.full(n, -1, dtype=np.int64),
+        blocks=np.ones((n, samples.blocks.shape[1]), dtype=np.float32),
+        s_poor=samples.s_poor[order],
+        s_best=samples.s_best[order],
+        is_input=np.ones(n, dtype=bool),
+    )
+    return TrainSamples(**{f.name: np.concatenate([getattr(samples, f.name), getattr(extra, f.name)])
+                           for f in fields(TrainSamples)})
 
 
 @dataclass(frozen=True)
@@ -259,6 +348,7 @@ class BankReader:
 
     Images may differ in size (native-size data): each sample's patch is cut at the same
     place from its image, its PL (stored at the image's size) and its block-weight map.
+    An input sample's target is the input patch itself and its weight is 1 everywhere.
 
     Args:
         samples: the training samples.
@@ -277,12 +367,13 @@ class BankReader:
             raise ValueError(f"bank: source_index {int(samples.source_index.max())} is beyond the "
                              f"{len(self.images)} rows of {images}")
         self.sizes = self.images.sizes[samples.source_index]
-        for i in range(len(samples)):
+        pl = ~samples.is_input
+        for i in np.flatnonzero(pl):  # an input sample's target is its image: nothing to check
             got = self._store(samples.store[i]).size_of(int(samples.index[i]))
             if got != tuple(int(v) for v in self.sizes[i]):
                 raise ValueError(f"label store {samples.store[i]}: label {int(samples.index[i])} is {got} px, its "
                                  f"image {samples.image_id[i]} {tuple(self.sizes[i])}")
-        self.grid = {store: self._store(store).grid for store in sorted(set(samples.store))}
+        self.grid = {store: self._store(store).grid for store in sorted(set(samples.store[pl]))}
 
     @property
     def image_size(self) -> tuple[int, int] | np.ndarray:
@@ -309,6 +400,10 @@ class BankReader:
         for i, (top, left) in zip(idx, plan.patch_yx[slots], strict=True):
             top, left = int(top), int(left)
             xs.append(self.images.read_window(int(s.source_index[i]), top, left, p, p))
+            if s.is_input[i]:  # the degraded input is its own target, every pixel weighted alike
+                ts.append(xs[-1])
+                ws.append(torch.ones(1, p, p))
+                continue
             ts.append(self._store(s.store[i]).window(int(s.index[i]), int(s.aug_index[i]), top, left, p, p))
             gh, gw = self.grid[s.store[i]]
             size = (int(self.sizes[i][0]), int(self.sizes[i][1]))

@@ -71,6 +71,8 @@ class Switches:
     cropped: bool
     supervised: bool = False
     """The supervised anchor on labeled pairs (``train.losses.sup``), for every method."""
+    input_labels: bool = False
+    """Each image's degraded input is also a target, at its own score (``train.input_labels``)."""
 
     @property
     def needs_reward(self) -> bool:
@@ -91,13 +93,18 @@ def resolve_switches(cfg: TrainConfig, conditioned: bool, perceptual: str | None
         perceptual: the resolved perceptual kind (default: resolve ``cfg.losses.per.kind`` now).
 
     Raises:
-        ValueError: a combination that cannot run (preference without a score condition, or a
-            score condition on an unconditioned model).
+        ValueError: a combination that cannot run (preference without a score condition, a
+            score condition on an unconditioned model, or input labels without either).
     """
     losses = cfg.losses
     per = perceptual if perceptual is not None else resolve_perceptual(losses.per.kind, cfg.patch_size)
     per = per if losses.per.weight > 0 or losses.sup.per_weight > 0 else "none"
     sup = losses.sup.weight > 0
+    if cfg.input_labels and (cfg.method != "qualiteacher" or not cfg.score_condition):
+        got = f"method {cfg.method}" if cfg.method != "qualiteacher" else "score_condition: false"
+        raise ValueError(f"train.input_labels needs train.method: qualiteacher with train.score_condition: true "
+                         f"(got {got}): an input label is a target at its own score, which only a "
+                         "score-conditioned student can tell apart; set input_labels: false")
     if cfg.method != "qualiteacher":
         return Switches(cfg.method, False, False, per, False, False, sup)
     pref = cfg.preference and losses.pref.weight > 0
@@ -108,7 +115,7 @@ def resolve_switches(cfg: TrainConfig, conditioned: bool, perceptual: str | None
         raise ValueError("train.preference needs train.score_condition: y_h and y_l are the student at two "
                          "score conditions")
     return Switches("qualiteacher", cfg.score_condition, losses.rec.block_weighting, per, pref,
-                    cfg.cropped and losses.cropped.weight > 0, sup)
+                    cfg.cropped and losses.cropped.weight > 0, sup, cfg.input_labels)
 
 
 def crop_side(patch: int, fraction: float) -> int:
