@@ -93,7 +93,7 @@ def test_encoder_side_injection_does_not_share() -> None:
 
 
 def test_fast_passes_switch_builds_the_plain_stack() -> None:
-    """compute.fast_passes: false -> one plain call (no chunks, no shared encoder), the same step to rounding."""
+    """train.fast_passes: false -> one plain call (no chunks, no shared encoder), the same step to rounding."""
     from qtlib.config import load_config
     from qtlib.train.step import build_passes
 
@@ -102,7 +102,7 @@ def test_fast_passes_switch_builds_the_plain_stack() -> None:
     assert (fast.chunk, fast.share_encoder) == (4, True)
     assert (plain.chunk, plain.share_encoder) == (None, False)
     assert pass_chunk(4, torch.device("cpu"), fast=False) is None
-    assert load_config(overrides={"compute": {"fast_passes": False}}).compute.fast_passes is False
+    assert load_config(overrides={"train": {"fast_passes": False}}).train.fast_passes is False
     x = torch.rand(2, 3, 32, 32)
     rows, score = torch.tensor([0, 1, 0, 1, 1]), torch.tensor([7.0, 7.0, 3.0, 2.0, 5.0])
     got, _ = plain(x, score, rows=rows)

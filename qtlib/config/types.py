@@ -21,7 +21,6 @@ Augmentation = Literal["identity", "hflip", "vflip", "rot90"]
 class ComputeConfig:
     deterministic: bool = True
     bf16: bool = False
-    fast_passes: bool = True
 
 
 @dataclass(frozen=True)
@@ -221,6 +220,7 @@ class TrainConfig:
     preference: bool = True
     cropped: bool = True
     input_labels: bool = False
+    fast_passes: bool = True
     losses: Losses = Losses()
 
 

@@ -176,8 +176,7 @@ def round_fingerprint(spec: RoundSpec, world: int) -> str:
     p = spec.paths
     return fingerprint({
         "round": spec.round, "seed": spec.seed, "train": to_dict(replace(spec.train, checkpoint_every=1, gpus=1)),
-        "iqa": to_dict(spec.iqa), "bf16": spec.compute.bf16,
-        "fast_passes": spec.compute.fast_passes, "global_batch": spec.train.batch_size * world,
+        "iqa": to_dict(spec.iqa), "bf16": spec.compute.bf16, "global_batch": spec.train.batch_size * world,
         "inputs": {k: file_hash(getattr(p, k)) for k in ("teacher", "student", "bank")},
         "images": portable(p.images, p.results_dir),
         "paired": portable(p.paired, p.results_dir) if p.paired is not None and spec.train.losses.sup.weight > 0
@@ -243,7 +242,7 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     seed_everything(process_seed(spec.seed, spec.round, world.rank))
     student, start = _load_student(spec.paths.student, dev)
     mc = start.model_config
-    passes: nn.Module = build_passes(student, tc.batch_size, dev, spec.compute.fast_passes)
+    passes: nn.Module = build_passes(student, tc.batch_size, dev, tc.fast_passes)
     if world.distributed:
         passes = DistributedDataParallel(passes, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = _optimizer(student, tc, start)

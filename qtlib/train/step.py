@@ -125,12 +125,12 @@ def crop_side(patch: int, fraction: float) -> int:
 
 def pass_chunk(batch_size: int, device: torch.device, fast: bool = True) -> int | None:
     """Images per student call inside :class:`StudentPasses`: the batch size on a CPU, no limit elsewhere
-    (and none when ``fast`` is False: ``compute.fast_passes``)."""
+    (and none when ``fast`` is False: ``train.fast_passes``)."""
     return batch_size if device.type == "cpu" and fast else None
 
 
 def build_passes(student: nn.Module, batch_size: int, device: torch.device, fast: bool = True) -> StudentPasses:
-    """The :class:`StudentPasses` of a round: chunked and encoder-sharing when ``fast`` (``compute.fast_passes``)."""
+    """The :class:`StudentPasses` of a round: chunked and encoder-sharing when ``fast`` (``train.fast_passes``)."""
     return StudentPasses(student, chunk=pass_chunk(batch_size, device, fast), share_encoder=fast)
 
 
@@ -147,7 +147,7 @@ class StudentPasses(nn.Module):
         student: the student (any built model: ``student(x, score)``).
         chunk: at most this many images per student call (None: one call).
         share_encoder: run the score-independent encoder once per input (``forward_rows``); False =
-            every pass of an input is a full forward (``compute.fast_passes: false``).
+            every pass of an input is a full forward (``train.fast_passes: false``).
 
     Shape:
         - x: (N, 3, P, P), score: (N,) or None; crops: (B, 3, c, c), crop_score: (B,) or None.
@@ -346,7 +346,6 @@ def build_step_context(
     *,
     top_score: float,
     bf16: bool = False,
-    fast_passes: bool = True,
     passes: nn.Module | None = None,
     reward: RewardFn | None = None,
     perceptual: str | None = None,
@@ -361,7 +360,6 @@ def build_step_context(
         device: where the step runs.
         top_score: the merged top condition level (``model.conditioning.top_score``).
         bf16: autocast the student passes (``compute.bf16``).
-        fast_passes: chunked, encoder-sharing passes when ``passes`` is not given (``compute.fast_passes``).
         passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one, chunked
             to ``train.batch_size`` images per call on a CPU, one call elsewhere; :func:`build_passes`).
         reward: one reward function for both reward terms (default: the IQA ensemble, built only when
@@ -378,7 +376,7 @@ def build_step_context(
     if init_params is None:
         init_params = [p.detach().clone() for p in student.injection_parameters()]
     if passes is None:
-        passes = build_passes(student, train.batch_size, device, fast_passes)
+        passes = build_passes(student, train.batch_size, device, train.fast_passes)
     return StepContext(passes, student, optimizer, sw,
                        train.losses, top_score, crop, full_reward, crop_reward,
                        build_perceptual(sw.perceptual, device), init_params, device, bf16)
