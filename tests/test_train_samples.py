@@ -77,6 +77,22 @@ def test_input_labels_below_the_poorest_pl() -> None:
         add_input_labels(s, {"b": 1.0}, 7.0)
 
 
+def test_relative_condition_is_the_gap_below_the_images_best_pl() -> None:
+    """train.condition: relative -- level = top - (S_best - S): each image's best PL at the top."""
+    s = build_samples(_bank(), "qualiteacher", top_score=7.0, score_condition=True, condition="relative")
+    assert list(s.cond) == [7.0, 4.5, 2.5, 7.0, 5.0]  # a: best 7.5; b: best 6 -> at the top too
+    assert list(s.aug_index) == [0, 2, 1, 0, 1]  # every PL is its own target
+    low = build_samples(_bank(), "qualiteacher", top_score=4.0, score_condition=True, condition="relative")
+    assert list(low.cond) == [4.0, 1.5, 0.0, 4.0, 2.0]  # clipped at 0
+    off = build_samples(_bank(), "qualiteacher", 7.0, score_condition=False, condition="relative")
+    assert list(off.cond) == [7.0] * 5
+    # the input of a (S 2.5, below a's poorest PL) sits 5 below a's best PL; at the top level 2 it is still
+    # kept, as every relative level below the poorest PL is below the top
+    with_in = add_input_labels(s, {"a": 2.5, "b": 5.0}, 7.0, condition="relative")
+    assert with_in.cond[5] == pytest.approx(2.0) and len(with_in) == 6
+    assert input_label_kept(s, {"a": 2.5}, top_score=2.0, condition="relative").all()
+
+
 def test_with_input_labels_marks_kept_rows_and_checks_ids() -> None:
     from qtlib.train.inputs import input_labels_schema, with_input_labels
 

@@ -220,6 +220,7 @@ class TrainConfig:
     preference: bool = True
     cropped: bool = True
     input_labels: bool = False
+    condition: Literal["absolute", "relative"] = "absolute"
     fast_passes: bool = True
     losses: Losses = Losses()
 

@@ -28,7 +28,7 @@ import torch
 from qtlib.config.types import IQAConfig
 from qtlib.data.store import ImageStore
 from qtlib.ledger import metric_columns, metrics_of, write_table
-from qtlib.train.samples import TrainSamples, add_input_labels, input_label_kept
+from qtlib.train.samples import Condition, TrainSamples, add_input_labels, input_label_kept
 
 if TYPE_CHECKING:
     from qtlib.iqa import Ensemble
@@ -97,7 +97,7 @@ class InputLabels:
 
 
 def with_input_labels(samples: TrainSamples, scores: pd.DataFrame, top_score: float,
-                      images: str | Path) -> InputLabels:
+                      images: str | Path, condition: Condition = "absolute") -> InputLabels:
     """Add the input samples that ``scores`` allow (pure: no IQA), checking the scores fit the samples.
 
     Args:
@@ -105,6 +105,7 @@ def with_input_labels(samples: TrainSamples, scores: pd.DataFrame, top_score: fl
         scores: :func:`score_inputs` of the images of ``samples``.
         top_score: the merged top level of the conditioning.
         images: the store the scores came from (named in errors).
+        condition: how S becomes the condition (``train.condition``).
 
     Raises:
         ValueError: a store row whose image id is not the one the bank gives it.
@@ -116,9 +117,9 @@ def with_input_labels(samples: TrainSamples, scores: pd.DataFrame, top_score: fl
         raise ValueError(f"{images}: row {row['source_index']} is image {row['image_id']!r}, the bank says "
                          f"{bank_ids.loc[row['source_index']]!r} (bank and images.zarr of different data?)")
     by_id = scores.set_index("image_id")["S"]
-    kept = input_label_kept(samples, by_id, top_score)
+    kept = input_label_kept(samples, by_id, top_score, condition)
     table = scores.assign(kept=kept.loc[scores["image_id"]].to_numpy())
-    return InputLabels(add_input_labels(samples, by_id, top_score), table)
+    return InputLabels(add_input_labels(samples, by_id, top_score, condition), table)
 
 
 def score_sample_inputs(samples: TrainSamples, images: str | Path, iqa: IQAConfig,

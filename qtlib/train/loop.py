@@ -248,7 +248,8 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     opt = _optimizer(student, tc, start)
     ctx = build_step_context(student, opt, tc, spec.iqa, dev, top_score=float(mc.conditioning.top_score),
                              bf16=spec.compute.bf16, passes=passes, reward=reward, init_params=_w_init(spec, dev))
-    samples = build_samples(pd.read_parquet(spec.paths.bank), tc.method, ctx.top_score, ctx.switches.score_condition)
+    samples = build_samples(pd.read_parquet(spec.paths.bank), tc.method, ctx.top_score, ctx.switches.score_condition,
+                            tc.condition)
     if ctx.switches.input_labels:
         samples = _input_labels(world, spec, samples, ctx.top_score)
     reader = BankReader(samples, spec.paths.images, spec.paths.results_dir, tc.patch_size)
@@ -275,7 +276,8 @@ def _input_labels(world: ddp.World, spec: RoundSpec, samples: TrainSamples, top_
     same samples; a resumed round recomputes them (and rewrites equal scores).
     """
     scores = score_sample_inputs(samples, spec.paths.images, spec.iqa, world.device) if world.is_main else None
-    labels = with_input_labels(samples, ddp.broadcast_object(scores, world), top_score, spec.paths.images)
+    labels = with_input_labels(samples, ddp.broadcast_object(scores, world), top_score, spec.paths.images,
+                               spec.train.condition)
     if world.is_main:
         write_input_labels(labels.scores, input_labels_beside(spec.paths.out_student))
         _log.info("round %d: %s", spec.round, describe(labels))

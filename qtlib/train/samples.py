@@ -101,7 +101,21 @@ class TrainSamples:
         return len(self.image_id)
 
 
-def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_condition: bool) -> TrainSamples:
+Condition = Literal["absolute", "relative"]
+
+
+def relative_level(s: np.ndarray, s_best: np.ndarray, top_score: float) -> np.ndarray:
+    """The condition of ``train.condition: relative``: ``top - (S_best - S)``, at least 0.
+
+    The image's best PL is at the top level and every other target of the image (a poorer PL, its
+    input with ``train.input_labels``) as far below it as it scores below that PL, so a level means
+    the same quality gap on every image, whatever the image's content does to the absolute scores.
+    """
+    return np.maximum(0.0, top_score - (np.asarray(s_best, np.float64) - np.asarray(s, np.float64)))
+
+
+def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_condition: bool,
+                  condition: Condition = "absolute") -> TrainSamples:
     """Turn a bank into training samples (see the module docstring for the rules).
 
     Args:
@@ -110,6 +124,8 @@ def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_co
         top_score: the merged top level of the conditioning (``model.conditioning.top_score``).
         score_condition: condition on each PL's S; False = every sample gets ``top_score``
             and its own PL as target (the unconditioned ablation and the baselines).
+        condition: ``absolute`` = the PL's S (clipped at the top; the paper), ``relative`` =
+            :func:`relative_level` (``train.condition``).
     """
     rows = select_bank_rows(bank, method)
     if rows.empty:
@@ -120,12 +136,14 @@ def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_co
     blocks = np.stack([np.asarray(b, dtype=np.float32) for b in rows["blocks_S"]])
     groups = rows.groupby("image_id", sort=False)
     best = groups["S"].transform("idxmax").to_numpy()  # row label of each image's best PL (index is 0..n-1)
-    use_best = (s >= top_score) & score_condition
+    s_best = groups["S"].transform("max").to_numpy(dtype=np.float64)
+    level = np.minimum(s, top_score) if condition == "absolute" else relative_level(s, s_best, top_score)
+    use_best = (level >= top_score) & score_condition
     target = np.where(use_best, best, np.arange(len(rows)))
     return TrainSamples(
         image_id=rows["image_id"].to_numpy(dtype=object),
         source_index=rows["source_index"].to_numpy(dtype=np.int64),
-        cond=np.where(score_condition, np.minimum(s, top_score), top_score).astype(np.float32),
+        cond=np.where(score_condition, level, top_score).astype(np.float32),
         store=rows["store"].to_numpy(dtype=object)[target],
         index=rows["index"].to_numpy(dtype=np.int64)[target],
         aug_index=rows["aug_index"].to_numpy(dtype=np.int64)[target],
@@ -143,7 +161,7 @@ def _input_scores(input_scores: Mapping[str, float] | pd.Series) -> pd.Series:
 
 
 def input_label_kept(samples: TrainSamples, input_scores: Mapping[str, float] | pd.Series,
-                     top_score: float) -> pd.Series:
+                     top_score: float, condition: Condition = "absolute") -> pd.Series:
     """Which scored inputs become input samples: S finite, below the image's poorest PL and the top level.
 
     An input that scores at or above its own restorations is no lower anchor, and one at the top
@@ -153,6 +171,7 @@ def input_label_kept(samples: TrainSamples, input_scores: Mapping[str, float] | 
         samples: the PL samples (:func:`build_samples`), no input samples yet.
         input_scores: ensemble S (0..10) of each image's degraded input, by image id.
         top_score: the merged top level of the conditioning.
+        condition: ``relative`` needs no top-level check (an input below its poorest PL is below the top).
 
     Returns:
         bool per image of ``input_scores`` (same index).
@@ -168,15 +187,17 @@ def input_label_kept(samples: TrainSamples, input_scores: Mapping[str, float] | 
     if len(unknown):
         raise ValueError(f"input_scores: images {', '.join(map(str, unknown[:5]))} have no PL sample")
     s32 = scores.to_numpy(dtype=np.float32)
-    kept = np.isfinite(s32) & (s32 < poorest.loc[scores.index].to_numpy()) & (s32 < np.float32(top_score))
+    kept = np.isfinite(s32) & (s32 < poorest.loc[scores.index].to_numpy())
+    if condition == "absolute":
+        kept &= s32 < np.float32(top_score)
     return pd.Series(kept, index=scores.index, dtype=bool)
 
 
 def add_input_labels(samples: TrainSamples, input_scores: Mapping[str, float] | pd.Series,
-                     top_score: float) -> TrainSamples:
+                     top_score: float, condition: Condition = "absolute") -> TrainSamples:
     """``samples`` plus one input sample per image that :func:`input_label_kept` keeps, appended.
 
-    An input sample has the condition = the input's S, the target = the degraded input itself
+    An input sample has the condition = the input's S (``relative``: :func:`relative_level`), the target = the degraded input itself
     (``is_input``; no label store), uniform block scores (a weight map of ones) and the image's
     ``s_poor`` / ``s_best`` unchanged. Images come in the order of ``samples``.
 
@@ -184,6 +205,7 @@ def add_input_labels(samples: TrainSamples, input_scores: Mapping[str, float] | 
         samples: the PL samples (:func:`build_samples`).
         input_scores: ensemble S (0..10) of each image's degraded input, by image id.
         top_score: the merged top level of the conditioning.
+        condition: how S becomes the condition (:func:`build_samples`).
 
     Returns:
         The PL samples, unchanged and first, then the input samples.
@@ -192,14 +214,16 @@ def add_input_labels(samples: TrainSamples, input_scores: Mapping[str, float] | 
         ValueError: as :func:`input_label_kept`.
     """
     scores = _input_scores(input_scores)
-    kept = input_label_kept(samples, scores, top_score)
+    kept = input_label_kept(samples, scores, top_score, condition)
     ids, first = np.unique(samples.image_id, return_index=True)
     order = np.sort(first[np.isin(ids, kept.index[kept].to_numpy())])  # each kept image's first PL row
     n = len(order)
     extra = TrainSamples(
         image_id=samples.image_id[order],
         source_index=samples.source_index[order],
-        cond=scores.loc[samples.image_id[order]].to_numpy(dtype=np.float32),
+        cond=(scores.loc[samples.image_id[order]].to_numpy(dtype=np.float64) if condition == "absolute" else
+              relative_level(scores.loc[samples.image_id[order]].to_numpy(), samples.s_best[order], top_score)
+              ).astype(np.float32),
         store=np.full(n, "", dtype=object),
         index=np.full(n, -1, dtype=np.int64),
         aug_index=np.full(n, -1, dtype=np.int64),
