@@ -51,8 +51,8 @@ def test_default_rain_plan(spec: proxy.ProxySpec, tmp_path: Path) -> None:
         seeds.setdefault(run.row, []).append(run.seed)
     main = {"plain_mt": [0, 1, 2], "filter_mt": [0, 1, 2], "e": [0, 1, 2], "a": [0], "b": [0], "c": [0], "d": [0]}
     assert {r: seeds[r] for r in main} == main
-    investigated = set(seeds) - set(main)  # the settings of docs/results.md, each on seed 0 at least
-    assert investigated and all(seeds[r][0] == 0 and len(seeds[r]) <= 3 for r in investigated)
+    investigated = set(seeds) - set(main)  # the settings of docs/results.md, 1 to 3 seeds each
+    assert investigated and all(1 <= len(seeds[r]) <= 3 for r in investigated)
     assert [(r.row, r.seed) for r in plan.references] == [("pretrained", s) for s in (0, 1, 2)]
     assert plan.runs[0].row == "plain_mt" and plan.runs[0].seed == 0  # the host of seed 0 runs first
     for run in plan.runs:
