@@ -149,7 +149,7 @@ def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_co
         aug_index=rows["aug_index"].to_numpy(dtype=np.int64)[target],
         blocks=blocks[target],
         s_poor=groups["S"].transform("min").to_numpy(dtype=np.float32),
-        s_best=groups["S"].transform("max").to_numpy(dtype=np.float32),
+        s_best=s_best.astype(np.float32),
     )
 
 
@@ -218,11 +218,11 @@ def add_input_labels(samples: TrainSamples, input_scores: Mapping[str, float] | 
     ids, first = np.unique(samples.image_id, return_index=True)
     order = np.sort(first[np.isin(ids, kept.index[kept].to_numpy())])  # each kept image's first PL row
     n = len(order)
+    s_in = scores.loc[samples.image_id[order]].to_numpy(dtype=np.float64)
     extra = TrainSamples(
         image_id=samples.image_id[order],
         source_index=samples.source_index[order],
-        cond=(scores.loc[samples.image_id[order]].to_numpy(dtype=np.float64) if condition == "absolute" else
-              relative_level(scores.loc[samples.image_id[order]].to_numpy(), samples.s_best[order], top_score)
+        cond=(s_in if condition == "absolute" else relative_level(s_in, samples.s_best[order], top_score)
               ).astype(np.float32),
         store=np.full(n, "", dtype=object),
         index=np.full(n, -1, dtype=np.int64),
