@@ -221,6 +221,7 @@ class TrainConfig:
     cropped: bool = True
     input_labels: bool = False
     condition: Literal["absolute", "relative"] = "absolute"
+    relative_margin: float = 0.0
     fast_passes: bool = True
     losses: Losses = Losses()
 

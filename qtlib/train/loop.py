@@ -52,6 +52,7 @@ from qtlib.train.samples import (
     EpochPlan,
     PairedReader,
     TrainSamples,
+    best_pl_level,
     build_samples,
     draw_epoch_plan,
     rank_slots,
@@ -248,10 +249,11 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     opt = _optimizer(student, tc, start)
     ctx = build_step_context(student, opt, tc, spec.iqa, dev, top_score=float(mc.conditioning.top_score),
                              bf16=spec.compute.bf16, passes=passes, reward=reward, init_params=_w_init(spec, dev))
-    samples = build_samples(pd.read_parquet(spec.paths.bank), tc.method, ctx.top_score, ctx.switches.score_condition,
+    label_top = best_pl_level(ctx.top_score, tc.relative_margin)
+    samples = build_samples(pd.read_parquet(spec.paths.bank), tc.method, label_top, ctx.switches.score_condition,
                             tc.condition)
     if ctx.switches.input_labels:
-        samples = _input_labels(world, spec, samples, ctx.top_score)
+        samples = _input_labels(world, spec, samples, label_top)
     reader = BankReader(samples, spec.paths.images, spec.paths.results_dir, tc.patch_size)
     global_batch = tc.batch_size * world.size
     per_epoch = steps_per_epoch(len(samples), global_batch)

@@ -114,6 +114,19 @@ def relative_level(s: np.ndarray, s_best: np.ndarray, top_score: float) -> np.nd
     return np.maximum(0.0, top_score - (np.asarray(s_best, np.float64) - np.asarray(s, np.float64)))
 
 
+def best_pl_level(top_score: float, margin: float) -> float:
+    """The level of each image's best PL: the top, less ``train.relative_margin`` (which keeps the top
+    for the labeled pairs' ground truth).
+
+    Raises:
+        ValueError: a margin that leaves no level for the PLs (``margin >= top_score``).
+    """
+    if not 0 <= margin < top_score:
+        raise ValueError(f"train.relative_margin {margin}: must be >= 0 and below the top level "
+                         f"model.conditioning.top_score {top_score}")
+    return top_score - margin
+
+
 def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_condition: bool,
                   condition: Condition = "absolute") -> TrainSamples:
     """Turn a bank into training samples (see the module docstring for the rules).

@@ -105,6 +105,12 @@ def resolve_switches(cfg: TrainConfig, conditioned: bool, perceptual: str | None
         raise ValueError(f"train.input_labels needs train.method: qualiteacher with train.score_condition: true "
                          f"(got {got}): an input label is a target at its own score, which only a "
                          "score-conditioned student can tell apart; set input_labels: false")
+    if cfg.relative_margin > 0 and (cfg.condition != "relative" or not sup or cfg.method != "qualiteacher"
+                                    or not cfg.score_condition):
+        raise ValueError(f"train.relative_margin {cfg.relative_margin} needs train.method: qualiteacher, "
+                         "score_condition: true, condition: relative and the supervised anchor "
+                         "(train.losses.sup.weight > 0): it reserves the top level for the labeled pairs' "
+                         "ground truth; set relative_margin: 0")
     if cfg.method != "qualiteacher":
         return Switches(cfg.method, False, False, per, False, False, sup)
     pref = cfg.preference and losses.pref.weight > 0
