@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qtlib.config import ModelConfig, UNetConfig
-from qtlib.config.types import CroppedLoss, Losses, PerLoss, PrefLoss, TrainConfig
+from qtlib.config.types import CroppedLoss, Losses, PerLoss, PrefLoss, SupLoss, TrainConfig
 from qtlib.models import build_model
 from qtlib.train import (
     StepContext,
@@ -282,6 +282,19 @@ def test_resolve_switches_methods_and_exceptions() -> None:
         with pytest.raises(ValueError, match=f"train.input_labels needs train.method: qualiteacher .*{why}"):
             resolve_switches(replace(tc, input_labels=True, **bad), conditioned=True)
 
+
+
+def test_relative_margin_needs_relative_levels_and_the_supervised_anchor() -> None:
+    """train.relative_margin keeps the top level for ground truth: only with relative levels and the anchor."""
+    tc = TrainConfig(losses=Losses(per=PerLoss(kind="none"), sup=SupLoss(weight=1.0)), condition="relative",
+                     relative_margin=1.0)
+    assert resolve_switches(tc, conditioned=True).supervised
+    no_sup = replace(tc.losses, sup=SupLoss(weight=0.0, per_weight=0.0))
+    for bad in ({"condition": "absolute"}, {"losses": no_sup}, {"method": "filter_mt"},
+                {"score_condition": False, "preference": False}):
+        with pytest.raises(ValueError, match="train.relative_margin 1.0 needs .*condition: relative"):
+            resolve_switches(replace(tc, **bad), conditioned=True)
+    assert not resolve_switches(replace(tc, relative_margin=0.0, condition="absolute"), True).input_labels
 
 def test_determinism_switch_is_scoped() -> None:
     from qtlib.train.compute import determinism

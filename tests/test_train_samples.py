@@ -13,6 +13,7 @@ from qtlib.train.samples import (
     BankReader,
     PairedReader,
     add_input_labels,
+    best_pl_level,
     build_samples,
     draw_epoch_plan,
     input_label_kept,
@@ -91,6 +92,20 @@ def test_relative_condition_is_the_gap_below_the_images_best_pl() -> None:
     with_in = add_input_labels(s, {"a": 2.5, "b": 5.0}, 7.0, condition="relative")
     assert with_in.cond[5] == pytest.approx(2.0) and len(with_in) == 6
     assert input_label_kept(s, {"a": 2.5}, top_score=2.0, condition="relative").all()
+
+
+def test_relative_margin_puts_the_best_pls_below_the_top() -> None:
+    """train.relative_margin: the best PL of each image one level below the top (kept for ground truth)."""
+    top = best_pl_level(7.0, 1.0)
+    assert top == 6.0 and best_pl_level(7.0, 0.0) == 7.0
+    s = build_samples(_bank(), "qualiteacher", top_score=top, score_condition=True, condition="relative")
+    assert list(s.cond) == [6.0, 3.5, 1.5, 6.0, 4.0] and max(s.cond) < 7.0
+    assert list(s.aug_index) == [0, 2, 1, 0, 1]  # every PL is still its own target
+    with_in = add_input_labels(s, {"a": 2.5}, top, condition="relative")
+    assert with_in.cond[-1] == pytest.approx(1.0)  # 5 below a's best PL
+    for bad in (7.0, 8.0, -0.5):
+        with pytest.raises(ValueError, match=f"train.relative_margin {bad}: must be >= 0 and below"):
+            best_pl_level(7.0, bad)
 
 
 def test_with_input_labels_marks_kept_rows_and_checks_ids() -> None:
