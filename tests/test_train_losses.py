@@ -283,7 +283,6 @@ def test_resolve_switches_methods_and_exceptions() -> None:
             resolve_switches(replace(tc, input_labels=True, **bad), conditioned=True)
 
 
-
 def test_relative_margin_needs_relative_levels_and_the_supervised_anchor() -> None:
     """train.relative_margin keeps the top level for ground truth: only with relative levels and the anchor."""
     tc = TrainConfig(losses=Losses(per=PerLoss(kind="none"), sup=SupLoss(weight=1.0)), condition="relative",
@@ -295,6 +294,7 @@ def test_relative_margin_needs_relative_levels_and_the_supervised_anchor() -> No
         with pytest.raises(ValueError, match="train.relative_margin 1.0 needs .*condition: relative"):
             resolve_switches(replace(tc, **bad), conditioned=True)
     assert not resolve_switches(replace(tc, relative_margin=0.0, condition="absolute"), True).input_labels
+
 
 def test_determinism_switch_is_scoped() -> None:
     from qtlib.train.compute import determinism
