@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +258,27 @@ def test_pretrain_resume_is_bit_exact(world: dict[str, Path], tmp_path: Path) ->
     _states_equal(world["model"], done.model)
 
 
+def test_cosine_schedules_decay_and_resume_exactly(world: dict[str, Path], tmp_path: Path) -> None:
+    """train.lr_schedule cosine: the round's logged lr falls from train.lr; a resumed round equals a whole one."""
+    cfg = _config(lr_schedule="cosine", checkpoint_every=1, preference=False, cropped=False)
+    full = _round(world, tmp_path / "full", cfg)
+    lr = pd.read_parquet(full.losses)["lr"].tolist()
+    assert lr[0] == cfg.train.lr and all(a > b for a, b in zip(lr, lr[1:], strict=False)) and lr[-1] > 0
+    _round(world, tmp_path / "cut", cfg, stop_after=1)
+    rest = _round(world, tmp_path / "cut", cfg)
+    assert rest.resumed_from == 1 and full.student.read_bytes() == rest.student.read_bytes()
+    # pretrain.lr_schedule cosine: other weights than the constant rate, and resume stays bit-exact
+    pc = replace(cfg, pretrain=replace(cfg.pretrain, lr_schedule="cosine"))
+    paired = world["root"] / "paired"
+    whole = _pretrain(paired, tmp_path / "p.pt", pc)
+    _pretrain(paired, tmp_path / "q.pt", pc, stop_after=2)
+    resumed = _pretrain(paired, tmp_path / "q.pt", pc)
+    assert resumed.resumed_from == 2
+    _states_equal(whole.model, resumed.model)
+    with pytest.raises(AssertionError):
+        _states_equal(world["model"], whole.model)
+
+
 def contrast_reward(y: torch.Tensor) -> torch.Tensor:
     """A batch-invariant differentiable reward (module level, so spawned ranks can unpickle it)."""
     return 10 * y.std(dim=(1, 2, 3))
@@ -296,7 +318,6 @@ def test_cli_pretrain_and_train(world: dict[str, Path], tmp_path: Path, capsys: 
 
 def test_supervised_anchor_and_initial_w_init_in_a_round(world: dict[str, Path], tmp_path: Path) -> None:
     """train.losses.sup reads the paired folder each step; reg_anchor: initial takes W_init from `initial`."""
-    from dataclasses import replace
 
     from qtlib.models import Checkpoint, build_model, save_checkpoint
     from qtlib.train.loop import RoundSpec, _w_init

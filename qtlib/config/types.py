@@ -127,6 +127,7 @@ class PretrainConfig:
     weight_decay: float = 0.0
     perceptual: Perceptual = "none"
     perceptual_weight: float = 0.1
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     checkpoint_every: int = 100
     max_nonfinite_steps: int = 10
 
@@ -210,6 +211,7 @@ class TrainConfig:
     batch_size: int = 4
     patch_size: int = 96
     lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     ema_decay: float = 0.998

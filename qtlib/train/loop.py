@@ -58,6 +58,7 @@ from qtlib.train.samples import (
     rank_slots,
     steps_per_epoch,
 )
+from qtlib.train.schedule import scheduled_lr, set_lr
 from qtlib.train.state import (
     Resume,
     TrainState,
@@ -313,6 +314,7 @@ def _one_step(r: _Round, st: TrainState, plan: EpochPlan, epoch: int, in_epoch: 
         sup_x, sup_y = r.paired.read(process_seed(r.spec.seed, r.spec.round, r.world.rank), st.global_step,
                                      tc.losses.sup.batch_size or tc.batch_size)
         batch = replace(batch, sup_x=sup_x, sup_y=sup_y)
+    set_lr(r.opt, scheduled_lr(tc.lr, st.step, r.total, tc.lr_schedule))
     out = train_step(r.ctx, batch, st.global_step)
     if r.guard is not None:
         r.guard.record(out.stepped, st.step, out.terms["loss"])  # raises past train.max_nonfinite_steps

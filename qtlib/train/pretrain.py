@@ -9,7 +9,8 @@ both student_0 and teacher_0 of the rounds.
 Every random choice of step ``t`` (rows and crop positions) is drawn from
 (seed, t) alone, so a run resumed from a step checkpoint (``<out>.partial``,
 written every ``pretrain.checkpoint_every`` steps) continues exactly as an
-uninterrupted run would. ``compute.deterministic`` and ``compute.bf16`` apply here
+uninterrupted run would (the learning rate of ``pretrain.lr_schedule`` is a function
+of the step too). ``compute.deterministic`` and ``compute.bf16`` apply here
 too; AdamW uses betas (0.9, 0.999), the paper's values.
 """
 
@@ -39,6 +40,7 @@ from qtlib.train.guard import NonFiniteGuard, step_if_finite
 from qtlib.train.losses import weighted_l1
 from qtlib.train.perceptual import build_perceptual, resolve_perceptual
 from qtlib.train.samples import PairedReader
+from qtlib.train.schedule import scheduled_lr, set_lr
 from qtlib.train.state import (
     TrainState,
     find_resume,
@@ -171,6 +173,7 @@ def _pretrain(run: _PretrainRun, losses: str | Path | None, resume: bool | Path,
     guard = NonFiniteGuard(pc.max_nonfinite_steps, "pretrain")
     for _ in tqdm(range(st.step, stop), initial=st.step, total=stop, desc="pretrain", unit="step", mininterval=2.0):
         x, y = (v.to(dev) for v in reader.read(run.seed, st.step, pc.batch_size))
+        set_lr(opt, scheduled_lr(pc.lr, st.step, pc.steps, pc.lr_schedule))
         terms = pretrain_step(net, opt, x, y, perceptual, pc.perceptual_weight, run.compute.bf16)
         guard.record(bool(terms.pop("stepped")), st.step, terms["loss"])
         st.log.append({"step": st.step, **terms})
