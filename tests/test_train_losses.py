@@ -337,6 +337,32 @@ def test_l2_target_and_unit_rewards_change_the_second_term() -> None:
     assert abs(terms["unit"]["pref_second"] - math.log(2)) < abs(terms["poorest"]["pref_second"] - math.log(2))
 
 
+def test_pref_low_grad_false_sends_no_gradient_into_y_l() -> None:
+    """pref.low_grad false: the reward's input gets no gradient on the y_l half, the y_h half still does;
+    the logged terms (the forward) are unchanged."""
+    base = Losses(pref=PrefLoss(weight=1.0, reg_weight=0.0), cropped=CroppedLoss(weight=0.0))
+    sw = replace(FULL, cropped=False)
+
+    def reward_input_grad(losses: Losses) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx = _ctx(sw, losses)[0]
+        seen: list[torch.Tensor] = []
+
+        def reward(y: torch.Tensor) -> torch.Tensor:
+            y.register_hook(seen.append)
+            return _toy_reward(y)
+
+        terms = train_step(replace(ctx, reward=reward), _batch(), step=0).terms
+        return seen[0], terms
+
+    g_on, t_on = reward_input_grad(base)
+    g_off, t_off = reward_input_grad(replace(base, pref=replace(base.pref, low_grad=False)))
+    b = g_on.shape[0] // 2
+    assert g_on[b:].abs().sum() > 0 and g_off[b:].abs().sum() == 0  # y_l: pushed down only by default
+    assert g_off[:b].abs().sum() > 0
+    for k in ("pref_first", "pref_second", "reward_high", "reward_low"):
+        assert t_off[k] == pytest.approx(t_on[k]), k
+
+
 def test_pref_params_injection_keeps_the_preference_out_of_the_backbone() -> None:
     """pref.params: injection -- the backbone gets exactly the gradient of the step without L_pref, the
     injection weights exactly that of the full step; the logged loss still includes L_pref."""

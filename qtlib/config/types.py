@@ -177,6 +177,7 @@ class PrefLoss:
     l2_target: Literal["poorest", "best"] = "poorest"
     unit_rewards: bool = False
     params: Literal["all", "injection"] = "all"
+    low_grad: bool = True
 
 
 @dataclass(frozen=True)

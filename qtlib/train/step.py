@@ -293,6 +293,8 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
     if on["pref"]:
         r = ctx.reward(torch.cat([y_h, y_l]).clamp(0, 1)).float()
         r_h, r_l = r.chunk(2)
+        if not lc.pref.low_grad:  # y_l a fixed reference: L1 can only be met by raising y_h
+            r_l = r_l.detach()
         s_tea = batch.s_best if lc.pref.l2_target == "best" else batch.s_poor
         unit = 0.1 if lc.pref.unit_rewards else 1.0  # [0, 1] rewards: delta is a fraction of the range
         pt = preference_terms(r_h * unit, r_l * unit, s_tea * unit, lc.pref.beta, lc.pref.delta)
