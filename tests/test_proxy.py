@@ -39,7 +39,10 @@ def test_table2_rows_accumulate_through_extends(spec: proxy.ProxySpec) -> None:
                 "d": (True, True, True, False), "e": (True, True, True, True)}
     for row, values in expected.items():
         assert tuple(_get(spec.rows[row].overrides, k) for k in switches) == values, row
-    assert spec.rows["plain_mt"].overrides == {"train": {"method": "plain_mt"}}
+    # the rows of the first table pin the model they were run with (the earlier default)
+    assert spec.rows["plain_mt"].overrides == {"train": {"method": "plain_mt"},
+                                               "model": {"conditioning": {"injection": ["bottleneck"], "bands": 6}}}
+    assert spec.rows["e"].overrides["model"] == spec.rows["plain_mt"].overrides["model"]
     assert spec.rows["pretrained"].reference == "pretrained"
 
 
@@ -61,8 +64,9 @@ def test_default_rain_plan(spec: proxy.ProxySpec, tmp_path: Path) -> None:
         assert run.config["device"] == "cpu" and run.config["demo"]["task"] == "rain"
         assert run.conditioned == (run.row in ("b", "c", "d") or run.row.startswith("e"))
     # the rows of a seed share data + pretraining, except those that change the model (its own pretraining)
-    same_model = [r for r in plan.runs if "model" not in spec.rows[r.row].overrides and
-                  not r.row.startswith("e_rel_dec")]
+    model_of = {(r.row, r.seed): r.config["model"] for r in plan.runs}
+    same_model = [r for r in plan.runs if model_of[r.row, r.seed] == model_of["plain_mt", r.seed]]
+    assert {r.row for r in same_model} >= {"plain_mt", "filter_mt", "a", "e", "e_inj"}
     keys = {s: {r.shared_key for r in same_model if r.seed == s} for s in (0, 1, 2)}
     assert all(len(k) == 1 for k in keys.values())
     assert len(set.union(*keys.values())) == 3  # ... and seeds do not
