@@ -15,6 +15,7 @@ Range = tuple[float, float]
 RecipeKind = Literal["rain", "snow", "haze", "low_light", "underwater"]
 Perceptual = Literal["auto", "vgg", "ms_ssim", "nlpd", "none"]
 Augmentation = Literal["identity", "hflip", "vflip", "rot90"]
+LRSchedule = Literal["constant", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class PretrainConfig:
     weight_decay: float = 0.0
     perceptual: Perceptual = "none"
     perceptual_weight: float = 0.1
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: LRSchedule = "constant"
     checkpoint_every: int = 100
     max_nonfinite_steps: int = 10
 
@@ -212,7 +213,7 @@ class TrainConfig:
     batch_size: int = 4
     patch_size: int = 96
     lr: float = 1e-4
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: LRSchedule = "constant"
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     ema_decay: float = 0.998

@@ -15,11 +15,10 @@ stateful: their position would have to be checkpointed and restored beside the o
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
-LRSchedule = Literal["constant", "cosine"]
+from qtlib.config.types import LRSchedule
 
 
 def scheduled_lr(base: float, step: int, total: int, kind: LRSchedule) -> float:
