@@ -64,3 +64,26 @@ def restore_augmented(
     out = restore(stacked)
     views = [a.inverse(v) for a, v in zip(augs, out.split(b, dim=0), strict=True)]
     return torch.stack(views, dim=1)
+
+
+def with_mean_label(views: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """The views of a batch, plus their pixel mean as one more label when ``n_labels`` asks for it.
+
+    Label ensembling (``label.mean_label``): the mean of the inverse-mapped views is the
+    teacher's self-ensemble, a label better than any single view when the views err
+    independently.
+
+    Args:
+        views: ``(B, K, C, H, W)`` labels in input coordinates (:func:`restore_augmented`).
+        n_labels: ``K`` (the views only) or ``K + 1`` (the views, then their mean).
+
+    Returns:
+        ``(B, n_labels, C, H, W)``.
+    """
+    check_shape(views, ["B", "K", "C", "H", "W"], "views")
+    k = views.shape[1]
+    if n_labels == k:
+        return views
+    if n_labels != k + 1:
+        raise ValueError(f"n_labels: expected {k} (the views) or {k + 1} (the views and their mean), got {n_labels}")
+    return torch.cat([views, views.mean(dim=1, keepdim=True)], dim=1)

@@ -41,7 +41,7 @@ import zarr
 from tqdm import tqdm
 
 from qtlib import __version__
-from qtlib.augment import get_augmentations, restore_augmented
+from qtlib.augment import get_augmentations, restore_augmented, with_mean_label
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
 from qtlib.data.store import commit_path, remove_path, staging_path
@@ -154,14 +154,15 @@ def _ledger_rows(ids: list[str], src: np.ndarray, rows: np.ndarray, aug_names: l
     return frame
 
 
-def _open_staging_store(tmp: Path, prepared: ImageStore, rows: np.ndarray, augs: list, metrics: list[str],
-                        grid: tuple[int, int], meta: dict) -> zarr.Group:
-    """A fresh label store at the staging path ``tmp`` (committed onto the final path when complete)."""
+def _open_staging_store(tmp: Path, prepared: ImageStore, rows: np.ndarray, names: tuple[str, ...],
+                        metrics: list[str], grid: tuple[int, int], meta: dict) -> zarr.Group:
+    """A fresh label store at the staging path ``tmp`` (committed onto the final path when complete);
+    ``names``: the labels of an image, in store order (``LabelConfig.label_names``)."""
     attrs = {**meta, "image_ids": [prepared.ids[i] for i in rows], "source_indices": rows.tolist(),
-             "augmentations": [a.name for a in augs], "metrics": metrics, "qtlib_version": __version__}
+             "augmentations": list(names), "metrics": metrics, "qtlib_version": __version__}
     tmp.parent.mkdir(parents=True, exist_ok=True)
     remove_path(tmp)
-    return _create_store(tmp, len(rows), len(augs), prepared.sizes[rows], metrics, grid, attrs)
+    return _create_store(tmp, len(rows), len(names), prepared.sizes[rows], metrics, grid, attrs)
 
 
 class LabelMemoryError(MemoryError):
@@ -181,6 +182,8 @@ class _Shard:
     restore_tiled: Callable[[torch.Tensor], torch.Tensor]
     tile: int
     augs: list
+    names: tuple[str, ...]
+    """The labels of an image in store order: the views, then ``mean`` with ``label.mean_label``."""
     ensemble: Ensemble
     group: zarr.Group
     grid: tuple[int, int]
@@ -218,7 +221,7 @@ def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, p
     Returns the batch's ledger rows.
     """
     check_image(x, "x", channels=3, value_range=(0.0, 1.0))
-    pls = restore_views(sh, x).clamp_(0, 1)
+    pls = with_mean_label(restore_views(sh, x), len(sh.names)).clamp_(0, 1)
     nonfinite = ~torch.isfinite(pls).flatten(2).all(2).flatten()  # (B*K,): a NaN/inf teacher output
     q = pls.nan_to_num_(0.0).mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
     flat = q.flatten(0, 1).float().div_(255.0)
@@ -234,7 +237,7 @@ def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, p
             f"({str(exc).splitlines()[0][:160]}); NR metrics score whole images, so cap the size with "
             "data.max_side (e.g. 2048) or lower label.batch_size / iqa.batch_size") from None
     status = label_status(nonfinite, flat, sh.grid, scores, blocks)
-    b, k, g = x.shape[0], len(sh.augs), sh.group
+    b, k, g = x.shape[0], len(sh.names), sh.group
     metrics = list(sh.ensemble.members)
     pixels = q.cpu().numpy()
     if isinstance(g["labels"], zarr.Group):
@@ -250,8 +253,7 @@ def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, p
     put("raw", torch.stack([scores.raw[m] for m in metrics], -1).double(), (k, len(metrics)))
     put("blocks_S", blocks.S.float(), (k, *sh.grid))
     put("blocks_raw", torch.stack([blocks.raw[m] for m in metrics], 1).float(), (k, len(metrics), *sh.grid))
-    return _ledger_rows(ids, src, pos, [a.name for a in sh.augs], scores, blocks, metrics,
-                        sh.meta, status)
+    return _ledger_rows(ids, src, pos, list(sh.names), scores, blocks, metrics, sh.meta, status)
 
 
 @torch.no_grad()
@@ -294,11 +296,11 @@ def label_shard(
     meta = {"round": round_, "shard": shard, "teacher_hash": file_hash(teacher),
             "metric_versions": json.dumps(ensemble.versions(), sort_keys=True)}
     tmp_store = staging_path(store_final)
-    group = _open_staging_store(tmp_store, prepared, rows, augs, metrics, iqa_cfg.blocks, meta)
+    group = _open_staging_store(tmp_store, prepared, rows, label_cfg.label_names, metrics, iqa_cfg.blocks, meta)
     shard_ctx = _Shard(
         lambda x: model(x, model.top_score),
         lambda img: restore_tiled(model, img, model.top_score, label_cfg.tile, label_cfg.tile_overlap),
-        label_cfg.tile, augs, ensemble, group, tuple(iqa_cfg.blocks), meta)
+        label_cfg.tile, augs, label_cfg.label_names, ensemble, group, tuple(iqa_cfg.blocks), meta)
     n_nan = 0
     bs = label_cfg.batch_size
     position = {int(r): i for i, r in enumerate(rows)}  # source row -> index in this shard's store
@@ -313,4 +315,4 @@ def label_shard(
         commit_path(tmp_store, store_final)
     finally:
         remove_path(tmp_store)
-    return LabelResult(store_final, ledger_final, len(rows), len(rows) * len(augs), n_nan)
+    return LabelResult(store_final, ledger_final, len(rows), len(rows) * len(label_cfg.label_names), n_nan)

@@ -121,6 +121,36 @@ def test_concurrent_shards_read_back_intact_and_match_ledger(labeled: Path, setu
         np.testing.assert_allclose(group["blocks_S"][:].reshape(-1, 4), blocks, rtol=1e-6, equal_nan=True)
 
 
+def test_mean_label_is_the_mean_of_the_views_stored_scored_and_gated(setup: dict[str, Path], tmp_path: Path) -> None:
+    """label.mean_label: one more label per image, the pixel mean of the inverse-mapped views."""
+    cfg = LabelConfig(batch_size=3, mean_label=True)
+    assert cfg.label_names == ("hflip", "vflip", "rot90", "mean")
+    out = tmp_path / "round_0"
+    result = label_shard(setup["teacher"], setup["images"], 0, 1, label_store_in(out, 0), ledger_in(out, 0),
+                         0, IQA, cfg, device="cpu", progress=False)
+    assert result.n_rows == 24
+    group = zarr.open_group(str(label_store_in(out, 0)), mode="r")
+    assert group["labels"].shape == (6, 4, 3, SIZE, SIZE) and group.attrs["augmentations"][-1] == "mean"
+    model = load_model(setup["teacher"])
+    with torch.no_grad():
+        x = ImageStore(setup["images"]).read_tensor(np.arange(2))
+        views = restore_augmented(lambda t: model(t, 7.0), x, get_augmentations(["hflip", "vflip", "rot90"]))
+    expected = views.mean(1).clamp(0, 1).mul(255).round()
+    assert torch.equal(torch.from_numpy(group["labels"][0:2, 3]).float(), expected)
+    assert not torch.equal(expected, views[:, 0].clamp(0, 1).mul(255).round())  # a label of its own
+    ledger = load(tmp_path)
+    assert ledger.groupby("image_id").size().eq(4).all() and (ledger["augmentation"] == "mean").sum() == 6
+    mean_rows = ledger[ledger["augmentation"] == "mean"].sort_values("index")
+    np.testing.assert_allclose(group["S"][:, 3], mean_rows["S"].to_numpy(), equal_nan=True)
+    # a complete set is now 4 labels: the gate keeps the images whose 4 labels are all valid
+    result = gate_round(ledger, None, GateConfig(), n_aug=len(cfg.label_names))
+    assert set(result.bank["augmentation"]) <= set(cfg.label_names) and len(result.bank) > 0
+    with pytest.raises(ValueError, match="n_labels"):
+        from qtlib.augment import with_mean_label
+
+        with_mean_label(views, 5)
+
+
 def test_nan_scores_get_a_status_and_are_kept_out_of_the_bank(labeled: Path) -> None:
     from qtlib.iqa.ensemble import BlockScores, EnsembleScores
     from qtlib.label import _ledger_rows

@@ -26,7 +26,7 @@ def run_gate_cmd(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise UserError(f"{p}: no such file")
     try:
-        result = run_gate(args.ledger, args.bank_prev, cfg.gate, len(cfg.label.augmentations),
+        result = run_gate(args.ledger, args.bank_prev, cfg.gate, len(cfg.label.label_names),
                           args.out / "gate.parquet", args.out / "bank.parquet")
     except ValueError as exc:
         raise UserError(str(exc)) from exc

@@ -133,13 +133,23 @@ class PretrainConfig:
     max_nonfinite_steps: int = 10
 
 
+#: The augmentation name of the label-ensembling pseudo-label (``label.mean_label``): the mean of the views.
+MEAN_LABEL = "mean"
+
+
 @dataclass(frozen=True)
 class LabelConfig:
     shards: int = 2
     batch_size: int = 8
     augmentations: tuple[Augmentation, ...] = ("hflip", "vflip", "rot90")
+    mean_label: bool = False
     tile: int = 1024
     tile_overlap: int = 32
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The pseudo-labels of one image, in store order: the views, then ``mean`` with ``mean_label``."""
+        return (*self.augmentations, *((MEAN_LABEL,) if self.mean_label else ()))
 
 
 @dataclass(frozen=True)

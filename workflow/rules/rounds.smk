@@ -28,7 +28,7 @@ rule gate:
         bank=str(L.bank("{r}")),
     params:
         cfg=slice_json("gate"),
-        n_aug=len(CFG.label.augmentations),  # the size of a complete set of labels
+        n_aug=len(CFG.label.label_names),  # the size of a complete set of labels (views, + mean)
     log:
         str(L.log("round_{r}/gate")),
     threads: 1
