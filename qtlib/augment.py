@@ -87,3 +87,21 @@ def with_mean_label(views: torch.Tensor, n_labels: int) -> torch.Tensor:
     if n_labels != k + 1:
         raise ValueError(f"n_labels: expected {k} (the views) or {k + 1} (the views and their mean), got {n_labels}")
     return torch.cat([views, views.mean(dim=1, keepdim=True)], dim=1)
+
+
+#: The size of the dihedral group of the square: 4 rotations, each with or without a flip.
+DIHEDRAL = 8
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Element ``k`` (0..7) of the dihedral group on the last two dims: ``k % 4`` quarter turns, then a
+    horizontal flip when ``k >= 4``. Contains every view of :data:`AUGMENTATIONS` (hflip = 4, rot90 = 1,
+    vflip = 6), so a model trained on it has seen every view the teacher labels with.
+
+    Args:
+        x: ``(..., H, W)``; k: 0..7 (0 = identity).
+    """
+    if not 0 <= k < DIHEDRAL:
+        raise ValueError(f"k: expected 0 <= k < {DIHEDRAL}, got {k}")
+    y = torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+    return torch.flip(y, dims=(-1,)) if k >= 4 else y

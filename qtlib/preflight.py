@@ -191,22 +191,26 @@ def _side_problems(cfg: Config, size: int, key_of_size: str) -> Iterator[str]:
 
 
 def _reward_size_problems(cfg: Config) -> Iterator[str]:
+    """The reward terms' images (the reward window, its crops) must be large enough for some member."""
     from qtlib.iqa.catalog import CATALOG
-    from qtlib.train.step import crop_side
+    from qtlib.train.step import crop_side, reward_side
 
     infos = [(m.metric, CATALOG[m.metric]) for m in cfg.iqa.ensemble if m.metric in CATALOG]
     if cfg.train.method != "qualiteacher" or not infos:
         return
-    smallest = min(info.min_size for _, info in infos)
+    known = _prepared_side(cfg)
+    window = reward_side(cfg.train.reward_window, cfg.train.patch_size, known[0] if known else None)
+    smallest = min(info.reward_size for _, info in infos)
     lc = cfg.train.losses
-    if cfg.train.preference and lc.pref.weight > 0 and cfg.train.patch_size < smallest:
-        yield (f"train.patch_size: no member of iqa.ensemble scores {cfg.train.patch_size} px patches (the smallest "
-               f"needs {smallest} px), so train.losses.pref has no reward")
-    crop = crop_side(cfg.train.patch_size, lc.cropped.fraction)
+    if cfg.train.preference and lc.pref.weight > 0 and window < smallest:
+        yield (f"train.reward_window: no member of iqa.ensemble is well defined on {window} px windows (the "
+               f"smallest needs {smallest} px), so train.losses.pref has no reward; raise train.reward_window "
+               "or the image size")
+    crop = crop_side(window, lc.cropped.fraction)
     if cfg.train.cropped and lc.cropped.weight > 0 and crop < smallest:
-        yield (f"train.losses.cropped.fraction: crops of {crop} px ({lc.cropped.fraction} x train.patch_size "
-               f"{cfg.train.patch_size}) are below every iqa.ensemble member's minimum side (the smallest needs "
-               f"{smallest} px); raise the fraction or the patch size, or set train.losses.cropped.weight to 0")
+        yield (f"train.losses.cropped.fraction: crops of {crop} px ({lc.cropped.fraction} x the {window} px reward "
+               f"window) are below every iqa.ensemble member's reward size (the smallest needs {smallest} px); "
+               "raise the fraction or train.reward_window, or set train.losses.cropped.weight to 0")
 
 
 def _switch_problems(cfg: Config) -> Iterator[str]:
@@ -244,8 +248,8 @@ def _epoch_budget_problems(cfg: Config, n_unlabeled: int) -> Iterator[str]:
     enabled = {"rec": True, "per": True, "pref": tc.preference, "cropped": tc.cropped, "sup": True}
     for name, on in enabled.items():
         term = getattr(tc.losses, name)
-        if on and term.weight > 0 and term.start >= most:
-            yield (f"train.losses.{name}.start: {term.start} lies beyond the most steps the epochs can make "
+        if on and term.weight > 0 and term.start >= 1 and term.start >= most:  # a share is inside
+            yield (f"train.losses.{name}.start: {term.start:g} lies beyond the most steps the epochs can make "
                    f"(rounds {cfg.rounds} x train.epochs {tc.epochs} x at most {n_unlabeled} images x bank_size "
                    f"{cfg.gate.bank_size} / batch_size {tc.batch_size} = {most}), so the term would never run; "
                    "lower the start or set train.steps")

@@ -136,3 +136,17 @@ def test_exception_start_beyond_iteration_budget() -> None:
         config_from_dict(bad)
     off = {"rounds": 1, "train": {"steps": 1500, "preference": False, "losses": {"pref": {"start": 2000}}}}
     assert config_from_dict(off).train.preference is False  # a term that is off may start anywhere
+
+
+def test_start_below_one_is_a_share_of_the_budget() -> None:
+    """train.losses.*.start: a value below 1 is a share of rounds x steps; 1 or more is a global step."""
+    from qtlib.config.types import start_step
+    from qtlib.train.step import resolve_starts
+
+    cfg = config_from_dict({"rounds": 5, "train": {"steps": 2000}})
+    assert cfg.train.losses.pref.start == 0.2 and cfg.train.losses.cropped.start == 0.2  # the authors' 20%
+    losses = resolve_starts(cfg.train.losses, budget=cfg.rounds * cfg.train.steps)
+    assert (losses.pref.start, losses.cropped.start, losses.rec.start) == (2000, 2000, 0)
+    assert start_step(0.5, 7) == 3 and start_step(3, 7) == 3 and start_step(0, 7) == 0
+    # a share is always inside the budget; a step beyond it is still an error
+    config_from_dict({"rounds": 1, "train": {"steps": 10, "losses": {"pref": {"start": 0.99}}}})

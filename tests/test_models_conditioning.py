@@ -168,6 +168,23 @@ def test_injection_parameters_and_reg() -> None:
     reg.backward()  # L_reg is differentiable w.r.t. the injection layers
 
 
+@pytest.mark.parametrize("backbone", ["unet", "nafnet"])
+def test_reg_parameters_groups(backbone: str) -> None:
+    """train.losses.pref.reg_params: the embedding, the modules at the injection points, the upsampling."""
+    model = build_model(tiny(backbone, "sinusoidal", injection=("bottleneck", "decoders.1")))
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(model.reg_parameters(["embedding"])) == ids(model.embedding.parameters())
+    inj = ids(model.backbone.bottleneck.parameters()) | ids(model.backbone.decoders[1].parameters())
+    assert ids(model.reg_parameters(["injection"])) == inj
+    assert ids(model.reg_parameters(["upsampling"])) == ids(model.backbone.ups.parameters())
+    both = model.reg_parameters(["embedding", "injection", "injection"])
+    assert len(both) == len(ids(both)) and ids(both) == ids(model.embedding.parameters()) | inj  # each once
+    assert [id(p) for p in both] == [id(p) for p in model.reg_parameters(["embedding", "injection"])]  # fixed order
+    with pytest.raises(ValueError, match="unknown group"):
+        model.reg_parameters(["head"])
+    assert build_model(ModelConfig(conditioning=ConditioningConfig(enabled=False))).reg_parameters(["embedding"]) == []
+
+
 def test_hooks_only_live_during_forward() -> None:
     model = build_model(tiny())
     model(torch.rand(1, 3, 8, 8), 3.0)

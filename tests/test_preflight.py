@@ -90,9 +90,14 @@ def test_exception_cross_field_rules_name_the_key(sections: dict[str, Any], expe
 
 
 def test_exception_crop_below_every_reward_member(tmp_path: Path) -> None:
-    data = _with(data={"size": 64}, train={"patch_size": 24, "losses": {"per": {"kind": "none"},
-                                                                       "cropped": {"fraction": 0.5}}})
-    assert "train.losses.cropped.fraction: crops of 12 px" in _fails(data, tmp_path)
+    data = _with(data={"size": 64}, train={"patch_size": 24, "reward_window": 24,
+                                           "losses": {"per": {"kind": "none"}, "cropped": {"fraction": 0.5}}})
+    assert "train.losses.cropped.fraction: crops of 12 px (0.5 x the 24 px reward window)" in _fails(data, tmp_path)
+    data["train"]["reward_window"] = 0  # 0 = the training patch
+    assert "crops of 12 px" in _fails(data, tmp_path)
+    data["train"]["reward_window"] = 192  # capped at the 64 px images: crops of 32 px
+    preflight(data, SOURCE, tmp_path)
+    data["train"]["reward_window"] = 24
     data["train"]["losses"]["cropped"]["weight"] = 0.0  # the term is off: any crop size will do
     preflight(data, SOURCE, tmp_path)
 

@@ -146,8 +146,13 @@ def test_one_round_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
     assert r.switches.perceptual == "nlpd" and r.switches.preference and r.switches.cropped
     log = pd.read_parquet(r.losses)
     assert list(log.columns) == LOG_SCHEMA.names and len(log) == r.steps
-    for term in ("loss", "rec", "per", "pref_first", "pref_second", "pref_reg", "cropped", "reward_high"):
+    for term in ("loss", "rec", "per"):
         assert np.isfinite(log[term]).all(), term
+    # the preference and the cropped term start at 20% of the run's budget (1 round x r.steps), the default
+    first = int(0.2 * r.steps)
+    assert first >= 1
+    for term in ("pref_first", "pref_second", "pref_reg", "cropped", "reward_high", "reward_ref"):
+        assert log[term].iloc[:first].isna().all() and np.isfinite(log[term].iloc[first:]).all(), term
     student, teacher = load_checkpoint(r.student), load_checkpoint(r.teacher)
     assert student.kind == "student" and teacher.kind == "teacher"
     assert student.extra["global_step"] == r.steps and student.optimizer_state and student.ema_state
@@ -279,6 +284,27 @@ def test_cosine_schedules_decay_and_resume_exactly(world: dict[str, Path], tmp_p
         _states_equal(world["model"], whole.model)
 
 
+def test_strong_view_ema_half_life_and_resume_in_a_round(world: dict[str, Path], tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """train.strong_view changes what the student learns (not the labels it learns from: the bank and the
+    label stores are read-only inputs of the round), is drawn from the step, so a resumed round equals a whole
+    one; train.ema_half_life sets the teacher's decay from the round's steps."""
+    bank_bytes = world["bank"].read_bytes()
+    base = dict(checkpoint_every=1, preference=False, cropped=False, ema_half_life=0.5)
+    plain = _round(world, tmp_path / "plain", _config(**base))
+    cfg = _config(**base, strong_view={"enabled": True, "p": 1.0})
+    with caplog.at_level("INFO", logger="qtlib.train.loop"):
+        full = _round(world, tmp_path / "full", cfg)
+    decay = 0.5 ** (1 / (0.5 * full.total_steps))
+    assert f"EMA decay {decay:.6f}" in caplog.text
+    with pytest.raises(AssertionError):
+        _states_equal(plain.student, full.student)
+    _round(world, tmp_path / "cut", cfg, stop_after=1)
+    rest = _round(world, tmp_path / "cut", cfg)
+    assert rest.resumed_from == 1 and full.student.read_bytes() == rest.student.read_bytes()
+    assert world["bank"].read_bytes() == bank_bytes
+
+
 def contrast_reward(y: torch.Tensor) -> torch.Tensor:
     """A batch-invariant differentiable reward (module level, so spawned ranks can unpickle it)."""
     return 10 * y.std(dim=(1, 2, 3))
@@ -335,12 +361,19 @@ def test_supervised_anchor_and_initial_w_init_in_a_round(world: dict[str, Path],
     paths = RoundPaths.of(teacher=world["model"], student=world["model"], bank=world["bank"], images=world["images"],
                           results_dir=world["results"], out_student=tmp_path / "s.pt", out_teacher=tmp_path / "t.pt",
                           losses=tmp_path / "l.parquet", paired=world["root"] / "paired", initial=initial)
-    spec = RoundSpec(paths, 0, cfg.train, cfg.iqa, cfg.compute, cfg.seed)
+    spec = RoundSpec(paths, 0, replace(cfg.train, preference=True), cfg.iqa, cfg.compute, cfg.seed)
     w_init = _w_init(spec, torch.device("cpu"))
-    assert all(torch.equal(a, b.detach()) for a, b in zip(w_init, model.injection_parameters(), strict=True))
-    assert _w_init(replace(spec, train=_config().train), torch.device("cpu")) is None  # reg_anchor: round
+    groups = cfg.train.losses.pref.reg_params
+    assert groups == ("embedding", "injection")  # the default anchored set
+    assert len(w_init) == len(model.reg_parameters(groups)) > len(model.injection_parameters())
+    assert all(torch.equal(a, b.detach()) for a, b in zip(w_init, model.reg_parameters(groups), strict=True))
+    assert _w_init(replace(spec, train=_config(losses={"pref": {"reg_anchor": "round"}}).train),
+                   torch.device("cpu")) is None  # reg_anchor: round
+    assert _w_init(replace(spec, train=cfg.train), torch.device("cpu")) is None  # no preference: no L_reg
     with pytest.raises(ValueError, match="reg_anchor: initial needs the initial"):
         _w_init(replace(spec, paths=replace(paths, initial=None)), torch.device("cpu"))
+    # a round that starts from the pretrained model itself (round 0) anchors to it without `initial`
+    assert _w_init(replace(spec, paths=replace(paths, initial=None)), torch.device("cpu"), "pretrain") is None
     r = train_one_round(paths, 0, cfg.train, cfg.iqa, cfg.compute, cfg.seed, device=cfg.device)
     log = pd.read_parquet(r.losses)
     assert log["sup"].notna().all() and (log["sup"] > 0).all()
@@ -358,7 +391,8 @@ def test_nonfinite_loss_skips_steps_and_stops_past_the_limit(world: dict[str, Pa
                                                              caplog: pytest.LogCaptureFixture) -> None:
     from qtlib.train.guard import NonFiniteLossError
 
-    cfg = _config(batch_size=2, max_nonfinite_steps=100)
+    now = {"per": {"kind": "none"}, "pref": {"start": 0}, "cropped": {"start": 0}}  # the NaN reward from step 0
+    cfg = _config(batch_size=2, max_nonfinite_steps=100, losses=now)
     with caplog.at_level("WARNING", logger="qtlib.train.guard"):
         r = _round(world, tmp_path / "tolerated", cfg, reward=nan_reward)
     assert r.student is not None and r.steps > 2
@@ -369,5 +403,5 @@ def test_nonfinite_loss_skips_steps_and_stops_past_the_limit(world: dict[str, Pa
     assert all(torch.equal(v, student.model_state[k]) for k, v in start.items())  # no step was taken
     with pytest.raises(NonFiniteLossError, match=r"train round 0: stopped at step 2: 3 steps .* "
                                                  r"train.max_nonfinite_steps = 2"):
-        _round(world, tmp_path / "stopped", _config(batch_size=2, max_nonfinite_steps=2), reward=nan_reward)
+        _round(world, tmp_path / "stopped", _config(batch_size=2, max_nonfinite_steps=2, losses=now), reward=nan_reward)
     assert not (tmp_path / "stopped" / "student.pt").exists()

@@ -20,6 +20,7 @@ from qtlib.train import (
     resolve_switches,
     train_step,
 )
+from qtlib.train.step import resolve_starts
 from qtlib.train.samples import Batch
 from qtlib.train.losses import (
     block_weight_map,
@@ -158,26 +159,24 @@ def _toy_reward(y: torch.Tensor) -> torch.Tensor:
 
 
 class _Recorder:
-    """Records the batch sizes of every call of the student passes."""
+    """Records, for every call of the student passes, each group's (image side, passes, distinct inputs)."""
 
     def __init__(self, passes: nn.Module) -> None:
-        self.calls: list[tuple[int, int | None]] = []
+        self.calls: list[list[tuple[int, int, int]]] = []
         passes.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
-        crops = args[2] if len(args) > 2 else None
-        rows = args[4] if len(args) > 4 else None  # rows of args[0]: the images the student passes produce
-        self.calls.append(((args[0] if rows is None else rows).shape[0], None if crops is None else crops.shape[0]))
+        self.calls.append([(x.shape[-1], rows.shape[0], x.shape[0]) for x, rows, _ in args[0]])
 
 
 def _ctx(sw: Switches, losses: Losses | None = None, top: float = 7.0) -> tuple[StepContext, _Recorder]:
-    losses = losses or Losses()
+    losses = resolve_starts(losses or Losses(), budget=1)  # the 20% starts of a 1-step run: step 0
     torch.manual_seed(0)
     student = build_model(TINY)
     passes = StudentPasses(student)
     rec = _Recorder(passes)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    init = [p.detach().clone() for p in student.injection_parameters()]
+    init = [p.detach().clone() for p in student.reg_parameters(losses.pref.reg_params)]
     per = None
     if sw.perceptual != "none":
         from qtlib.train.perceptual import build_perceptual
@@ -188,12 +187,14 @@ def _ctx(sw: Switches, losses: Losses | None = None, top: float = 7.0) -> tuple[
     return ctx, rec
 
 
-def _batch(b: int = 3, p: int = 32) -> Batch:
+def _batch(b: int = 3, p: int = 32, w: int = 32) -> Batch:
+    """A batch with P px patches and W px reward windows (the crops of the ctx are 16 px)."""
     g = torch.Generator().manual_seed(1)
     return Batch(
         x=torch.rand(b, 3, p, p, generator=g), target=torch.rand(b, 3, p, p, generator=g),
-        weight=torch.ones(b, 1, p, p), cond=torch.tensor([3.0, 7.5, 5.0][:b]), s_poor=torch.full((b,), 3.0),
+        weight=torch.ones(b, 1, p, p), cond=torch.tensor([3.0, 7.5, 5.0][:b]),
         low=torch.full((b,), 4.0), crop_yx=torch.zeros(b, 2, dtype=torch.long),
+        window=torch.rand(b, 3, w, w, generator=g), ref=torch.rand(b, 3, w, w, generator=g),
     )
 
 
@@ -203,8 +204,13 @@ FULL = Switches("qualiteacher", True, True, "none", True, True)
 def test_full_step_batches_all_passes_in_one_call() -> None:
     ctx, rec = _ctx(FULL)
     out = train_step(ctx, _batch(), step=0)
-    # B at the conditions + the 2 samples below the top again at the top + B at the low levels; B crops
-    assert rec.calls == [(3 + 2 + 3, 3)]
+    # one call: the 3 patches at their conditions, the 3 windows at the top and at the low levels (2 passes of
+    # 3 inputs: the encoder shared), the 3 crops (16 px) at the top
+    assert rec.calls == [[(32, 3 + 6, 6), (16, 3, 3)]]
+    # windows of another size are a group of their own
+    ctx, rec = _ctx(FULL)
+    train_step(ctx, _batch(w=48), step=0)
+    assert rec.calls == [[(32, 3, 3), (48, 6, 3), (16, 3, 3)]]
     for k in ("loss", "rec", "pref_first", "pref_second", "pref_reg", "cropped", "reward_high", "reward_low"):
         assert math.isfinite(out.terms[k]), k
     assert math.isnan(out.terms["per"])
@@ -214,10 +220,11 @@ def test_full_step_batches_all_passes_in_one_call() -> None:
 @pytest.mark.parametrize(
     ("sw", "off", "calls"),
     [
-        (replace(FULL, preference=False), {"pref_first", "pref_second", "pref_reg", "reward_high"}, [(3 + 2, 3)]),
-        (replace(FULL, cropped=False), {"cropped"}, [(3 + 2 + 3, None)]),
-        (replace(FULL, preference=False, cropped=False), {"pref_first", "cropped"}, [(3, None)]),
-        (replace(FULL, score_condition=False, preference=False), {"pref_first"}, [(3, 3)]),
+        (replace(FULL, preference=False), {"pref_first", "pref_second", "pref_reg", "reward_high", "reward_ref"},
+         [[(32, 6, 6), (16, 3, 3)]]),
+        (replace(FULL, cropped=False), {"cropped"}, [[(32, 9, 6)]]),
+        (replace(FULL, preference=False, cropped=False), {"pref_first", "cropped"}, [[(32, 3, 3)]]),
+        (replace(FULL, score_condition=False, preference=False), {"pref_first"}, [[(32, 6, 6), (16, 3, 3)]]),
     ],
 )
 def test_switches_turn_terms_off(sw: Switches, off: set[str], calls: list) -> None:
@@ -258,10 +265,12 @@ def test_reward_config_keeps_members_that_score_the_size() -> None:
     from qtlib.train.step import reward_config
 
     iqa = IQAConfig(ensemble=(Member("brisque", 0.5), Member("niqe", 0.5)))
-    assert reward_config(iqa, 96) == iqa
-    assert [m.metric for m in reward_config(iqa, 48).ensemble] == ["brisque"]  # NIQE needs 96 px
+    assert reward_config(iqa, 192) == iqa
+    # NIQE accepts 96 px, but one 96 px block gives its block features no covariance: 2x2 blocks needed
+    assert [m.metric for m in reward_config(iqa, 191).ensemble] == ["brisque"]
+    assert [m.metric for m in reward_config(iqa, 48).ensemble] == ["brisque"]
     with pytest.raises(ValueError, match="no member"):
-        reward_config(IQAConfig(ensemble=(Member("niqe", 1.0),)), 48)
+        reward_config(IQAConfig(ensemble=(Member("niqe", 1.0),)), 96)
 
 
 def test_resolve_switches_methods_and_exceptions() -> None:
@@ -317,24 +326,45 @@ def test_supervised_anchor_runs_in_the_same_forward() -> None:
     batch = replace(_batch(), sup_x=torch.rand(2, 3, 32, 32, generator=g), sup_y=torch.rand(2, 3, 32, 32, generator=g))
     out = train_step(ctx, batch, step=0)
     assert math.isfinite(out.terms["sup"]) and out.terms["sup"] > 0
-    assert len(rec.calls) == 1  # one forward for the batch and the pairs
+    assert rec.calls == [[(32, 5, 5)]]  # one forward for the batch and the pairs
     assert out.terms["loss"] == pytest.approx(out.terms["rec"] + 2.0 * out.terms["sup"], rel=1e-5)
     off = train_step(_ctx(replace(sw, supervised=False), losses)[0], batch, step=0)
     assert math.isnan(off.terms["sup"])
 
 
-def test_l2_target_and_unit_rewards_change_the_second_term() -> None:
-    """L2 against the poorest or the best label; unit rewards divide rewards and S_tea by 10."""
+def test_l2_scores_the_reference_label_window_as_y_h_is_scored() -> None:
+    """L2 of eq. (8) compares R(y_h) with the reward of the reference label's window, on one scale:
+    y_h equal to the label gives L2 = -log sigmoid(0) = log 2 exactly, with the real BRISQUE + NIQE reward
+    on 192 px windows (where NIQE has its 2x2 blocks)."""
+    from qtlib.config import IQAConfig
+    from qtlib.train.step import build_reward
+
+    losses = Losses(pref=PrefLoss(weight=1.0, reg_weight=0.0), cropped=CroppedLoss(weight=0.0))
+    ctx = _ctx(replace(FULL, cropped=False), losses)[0]
+    ctx = replace(ctx, reward=build_reward(IQAConfig(), 192, torch.device("cpu")))
+    batch = _batch(b=2, w=192)
+    with torch.no_grad():  # the reference label: exactly what the student restores at the top level
+        ref = ctx.student(batch.window, ctx.top_score).clamp(0, 1)
+    terms = train_step(ctx, replace(batch, ref=ref), step=0).terms
+    assert terms["pref_second"] == pytest.approx(math.log(2), abs=1e-5)
+    assert terms["reward_ref"] == pytest.approx(terms["reward_high"], abs=1e-5)
+    # a photo as the reference scores far above the student's restoration of noise: L2 rises above log 2
+    from skimage import data
+
+    photo = torch.from_numpy(data.astronaut()[:192, 100:292].copy()).permute(2, 0, 1).float().div(255)
+    fresh = replace(_ctx(replace(FULL, cropped=False), losses)[0], reward=ctx.reward)
+    harder = train_step(fresh, replace(batch, ref=photo.expand(2, -1, -1, -1)), step=0).terms
+    assert harder["reward_ref"] > harder["reward_high"] + 1.0 and harder["pref_second"] > math.log(2) + 0.3
+
+
+def test_unit_rewards_shrink_the_second_term_toward_log2() -> None:
+    """unit_rewards divides rewards and the reference by 10, so L2 moves toward -log sigmoid(0)."""
     base = Losses(pref=PrefLoss(weight=1.0, reg_weight=0.0), cropped=CroppedLoss(weight=0.0))
     sw = replace(FULL, cropped=False)
-    batch = replace(_batch(), s_best=torch.full((3,), 9.0))
-    terms = {}
-    for name, pref in (("poorest", base.pref), ("best", replace(base.pref, l2_target="best")),
-                       ("unit", replace(base.pref, unit_rewards=True))):
-        terms[name] = train_step(_ctx(sw, replace(base, pref=pref))[0], batch, step=0).terms
-    assert terms["best"]["pref_second"] > terms["poorest"]["pref_second"]  # S_tea 9 > 3: harder to beat
-    # on [0, 1] the gap r_h - S_tea shrinks tenfold, so L2 moves toward -log sigmoid(0) = log 2
-    assert abs(terms["unit"]["pref_second"] - math.log(2)) < abs(terms["poorest"]["pref_second"] - math.log(2))
+    batch = replace(_batch(), ref=torch.full((3, 3, 32, 32), 0.5))  # contrast 0: the toy reward's floor
+    plain = train_step(_ctx(sw, base)[0], batch, step=0).terms
+    unit = train_step(_ctx(sw, replace(base, pref=replace(base.pref, unit_rewards=True)))[0], batch, step=0).terms
+    assert abs(unit["pref_second"] - math.log(2)) < abs(plain["pref_second"] - math.log(2))
 
 
 def test_pref_low_grad_false_sends_no_gradient_into_y_l() -> None:
@@ -348,7 +378,8 @@ def test_pref_low_grad_false_sends_no_gradient_into_y_l() -> None:
         seen: list[torch.Tensor] = []
 
         def reward(y: torch.Tensor) -> torch.Tensor:
-            y.register_hook(seen.append)
+            if y.requires_grad:  # not the reference label's call (no gradient)
+                y.register_hook(seen.append)
             return _toy_reward(y)
 
         terms = train_step(replace(ctx, reward=reward), _batch(), step=0).terms

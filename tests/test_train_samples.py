@@ -219,3 +219,30 @@ def test_paired_reader_deterministic_per_step(tmp_path) -> None:
     assert torch.allclose((y - x) * 255, torch.full_like(x, 5.0), atol=1e-3)  # aligned crops
     with pytest.raises(ValueError, match="does not fit"):
         PairedReader(tmp_path, 49)
+
+
+def test_paired_reader_geometric_turns_both_images_alike(tmp_path) -> None:
+    """pretrain.geometric / train.losses.sup.geometric: the same crops as without, each pair turned by one
+    element of the dihedral group, the same on both images; every element occurs."""
+    from qtlib.augment import dihedral
+
+    size = 48
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 200, (3, size, size, 3), dtype=np.uint8)
+    for name, add in (("degraded", 0), ("clean", 5)):
+        writer = StoreWriter(tmp_path / f"{name}.zarr", 3, size)
+        for i, img in enumerate(clean):
+            writer.append(f"p{i}", img + add)
+        writer.close({})
+        commit_path(writer.tmp, tmp_path / f"{name}.zarr")
+    plain, turned = PairedReader(tmp_path, 16), PairedReader(tmp_path, 16, geometric=True)
+    seen = set()
+    for step in range(12):
+        x0, y0 = plain.read(seed=0, step=step, batch=3)
+        x1, y1 = turned.read(seed=0, step=step, batch=3)
+        assert torch.allclose((y1 - x1) * 255, torch.full_like(x1, 5.0), atol=1e-3)  # still aligned pairs
+        for a, b in zip(x0, x1, strict=True):
+            ks = [k for k in range(8) if torch.equal(dihedral(a, k), b)]
+            assert len(ks) == 1  # the upright crop, turned by exactly one element
+            seen.add(ks[0])
+    assert seen == set(range(8))

@@ -38,3 +38,25 @@ def test_set_lr_sets_every_group() -> None:
     opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr": 5.0}], lr=1.0)
     set_lr(opt, 0.25)
     assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25]
+
+
+def test_ema_half_life_is_a_share_of_the_round() -> None:
+    """train.ema_half_life: after share x steps updates the initial weights keep half their weight."""
+    from qtlib.train.schedule import ema_decay
+
+    assert ema_decay(0.998, 0.0, 100) == 0.998  # 0: train.ema_decay as given
+    for steps, share in ((100, 0.25), (216, 0.5), (10_000, 0.1)):
+        d = ema_decay(0.998, share, steps)
+        assert d ** (share * steps) == pytest.approx(0.5, rel=1e-9)
+    # a real EMA after that many updates toward a constant student: half of the way
+    from qtlib.models.ema import EMA
+
+    teacher, student = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(teacher.weight)
+    ema = EMA(teacher, ema_decay(0.998, 0.25, 80))
+    torch.nn.init.ones_(student.weight)
+    for _ in range(20):
+        ema.update(student)
+    assert ema.module.weight.item() == pytest.approx(0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="half-life"):
+        ema_decay(0.998, 0.25, 0)

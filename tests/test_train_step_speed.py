@@ -6,7 +6,7 @@ import torch
 
 from qtlib.models import build_model
 from qtlib.train import StepContext, StudentPasses, train_step
-from qtlib.train.step import pass_chunk
+from qtlib.train.step import pass_chunk, resolve_starts
 from tests.iqa_fixtures import prepared  # noqa: F401  (fixture)
 from tests.test_train_losses import FULL, TINY, _batch, _toy_reward
 from qtlib.config.types import Losses
@@ -16,8 +16,9 @@ def _step(chunk: int | None) -> tuple[dict[str, float], list[torch.Tensor]]:
     torch.manual_seed(0)
     student = build_model(TINY)
     opt = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: the step leaves the weights, grads stay
-    init = [p.detach().clone() for p in student.injection_parameters()]
-    ctx = StepContext(StudentPasses(student, chunk=chunk), student, opt, FULL, Losses(), 7.0, 16, _toy_reward,
+    losses = resolve_starts(Losses(), budget=1)
+    init = [p.detach().clone() for p in student.reg_parameters(losses.pref.reg_params)]
+    ctx = StepContext(StudentPasses(student, chunk=chunk), student, opt, FULL, losses, 7.0, 16, _toy_reward,
                       _toy_reward, None, init, torch.device("cpu"))
     out = train_step(ctx, _batch(), step=10_000)
     return out.terms, [p.grad.clone() for p in student.parameters() if p.grad is not None]
@@ -105,9 +106,9 @@ def test_fast_passes_switch_builds_the_plain_stack() -> None:
     assert load_config(overrides={"train": {"fast_passes": False}}).train.fast_passes is False
     x = torch.rand(2, 3, 32, 32)
     rows, score = torch.tensor([0, 1, 0, 1, 1]), torch.tensor([7.0, 7.0, 3.0, 2.0, 5.0])
-    got, _ = plain(x, score, rows=rows)
+    (got,) = plain([(x, rows, score)])
     torch.testing.assert_close(got, student(x[rows], score))
-    torch.testing.assert_close(fast(x, score, rows=rows)[0], got, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast([(x, rows, score)])[0], got, rtol=1e-4, atol=1e-5)
 
 
 def test_iqa_fast_paths_switch_reaches_scoring_and_rewards(prepared) -> None:  # noqa: F811

@@ -88,7 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
                            args.out_student, args.out_teacher, args.log, args.paired,
                            args.initial)
         r = train_one_round(paths, args.round_, cfg.train, cfg.iqa, cfg.compute, cfg.seed, resume=resume,
-                            device=args.device or cfg.device, stop_after=args.stop_after)
+                            device=args.device or cfg.device, stop_after=args.stop_after, rounds=cfg.rounds)
     except _user_errors() as exc:
         raise UserError(str(exc)) from exc
     where = f"{r.student}, {r.teacher}, {r.losses}" if r.student else f"{r.partial} (stopped, resume with the same command)"

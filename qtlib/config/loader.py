@@ -187,9 +187,9 @@ def check_budget(cfg: Config, source: str = "config") -> None:
     enabled = {"rec": True, "per": True, "pref": tc.preference, "cropped": tc.cropped, "sup": True}
     for name, on in enabled.items():
         term = getattr(tc.losses, name)
-        if on and term.weight > 0 and term.start >= budget:
+        if on and term.weight > 0 and term.start >= 1 and term.start >= budget:  # a share is inside
             raise ConfigError(
-                f"{source}: train.losses.{name}.start: {term.start} lies beyond the iteration budget "
+                f"{source}: train.losses.{name}.start: {term.start:g} lies beyond the iteration budget "
                 f"(rounds {cfg.rounds} x train.steps {tc.steps} = {budget} steps), so the term would never run; "
                 f"lower the start, raise train.steps or rounds, or set its weight to 0")
 

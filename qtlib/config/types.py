@@ -16,6 +16,7 @@ RecipeKind = Literal["rain", "snow", "haze", "low_light", "underwater"]
 Perceptual = Literal["auto", "vgg", "ms_ssim", "nlpd", "none"]
 Augmentation = Literal["identity", "hflip", "vflip", "rot90"]
 LRSchedule = Literal["constant", "cosine"]
+RegParams = Literal["embedding", "injection", "upsampling"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class PretrainConfig:
     perceptual: Perceptual = "none"
     perceptual_weight: float = 0.1
     lr_schedule: LRSchedule = "constant"
+    geometric: bool = True
     checkpoint_every: int = 100
     max_nonfinite_steps: int = 10
 
@@ -161,30 +163,36 @@ class GateConfig:
     enabled: bool = True
 
 
+def start_step(start: float, budget: int) -> int:
+    """A loss term's ``start`` as a global step: below 1 a share of ``budget`` (the run's steps), else a step."""
+    return int(start * budget) if start < 1 else int(start)
+
+
 @dataclass(frozen=True)
 class RecLoss:
     weight: float = 1.0
-    start: int = 0
+    start: float = 0
     block_weighting: bool = True
 
 
 @dataclass(frozen=True)
 class PerLoss:
     weight: float = 0.1
-    start: int = 0
+    start: float = 0
     kind: Perceptual = "auto"
 
 
 @dataclass(frozen=True)
 class PrefLoss:
     weight: float = 0.1
-    start: int = 0
+    start: float = 0.2
     beta: float = 1.0
     delta: float = 0.1
     second_weight: float = 0.5
     reg_weight: float = 1.0
     low_levels: tuple[float, ...] = (4.0, 5.0, 6.0)
-    reg_anchor: Literal["round", "initial"] = "round"
+    reg_anchor: Literal["round", "initial"] = "initial"
+    reg_params: tuple[RegParams, ...] = ("embedding", "injection")
     l2_target: Literal["poorest", "best"] = "poorest"
     unit_rewards: bool = False
     params: Literal["all", "injection"] = "all"
@@ -194,7 +202,7 @@ class PrefLoss:
 @dataclass(frozen=True)
 class CroppedLoss:
     weight: float = 0.1
-    start: int = 0
+    start: float = 0.2
     fraction: float = 0.5
 
 
@@ -202,8 +210,21 @@ class CroppedLoss:
 class SupLoss:
     weight: float = 0.0
     per_weight: float = 0.0
-    start: int = 0
+    start: float = 0
     batch_size: int = 0
+    geometric: bool = True
+    strong_view: bool = False
+
+
+@dataclass(frozen=True)
+class StrongView:
+    """``train.strong_view``: blur, noise and JPEG on the student's input of pseudo-label samples."""
+
+    enabled: bool = False
+    p: float = 0.5
+    blur_sigma: Range = (0.3, 1.0)
+    noise_std: Range = (0.005, 0.03)
+    jpeg_quality: Range = (40, 90)
 
 
 @dataclass(frozen=True)
@@ -227,6 +248,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     ema_decay: float = 0.998
+    ema_half_life: float = 0.0
+    reward_window: int = 192
+    strong_view: StrongView = StrongView()
     gpus: int = 1
     checkpoint_every: int = 50
     max_nonfinite_steps: int = 10

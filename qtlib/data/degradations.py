@@ -25,7 +25,7 @@ How each kind maps ``intensity`` to physics (all sizes scale with the image):
 
 Then, in camera order: Gaussian blur (``RandomGaussianBlur``), Gaussian noise
 (``RandomGaussianNoise``), each with explicit params, then a real JPEG round
-trip (Pillow; see :func:`_jpeg` for why not ``RandomJPEG``), and a final clamp
+trip (Pillow; see :func:`jpeg` for why not ``RandomJPEG``), and a final clamp
 to [0, 1].
 """
 
@@ -241,23 +241,25 @@ KINDS: Mapping[str, KindFn] = {
 }
 
 
-def _blur(image: Tensor, sigma: float) -> Tensor:
+def blur(image: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of ``(1, 3, H, W)`` at ``sigma`` px (kornia, kernel +-3 sigma); 0 = unchanged."""
     if sigma <= 0:
         return image
     _, _, h, w = image.shape
     kernel = (_odd_kernel(sigma, h), _odd_kernel(sigma, w))
-    blur = RandomGaussianBlur(kernel, (sigma, sigma), p=1.0)
-    return blur(image, params={"sigma": torch.tensor([sigma], dtype=image.dtype, device=image.device)})
+    op = RandomGaussianBlur(kernel, (sigma, sigma), p=1.0)
+    return op(image, params={"sigma": torch.tensor([sigma], dtype=image.dtype, device=image.device)})
 
 
-def _noise(image: Tensor, std: float, g: torch.Generator) -> Tensor:
+def add_noise(image: Tensor, std: float, g: torch.Generator) -> Tensor:
+    """Gaussian noise of ``std`` on ``(1, 3, H, W)``, drawn from ``g`` (kornia); 0 = unchanged."""
     if std <= 0:
         return image
     noise = (torch.randn(image.shape, generator=g) * std).to(image)
     return RandomGaussianNoise(std=std, p=1.0)(image, params={"gaussian_noise": noise})
 
 
-def _jpeg(image: Tensor, quality: int | None) -> Tensor:
+def jpeg(image: Tensor, quality: int | None) -> Tensor:
     """Real baseline JPEG (Pillow's libjpeg, 4:2:0) at ``quality``.
 
     kornia's ``RandomJPEG`` is a differentiable approximation that takes ~0.4 s per
@@ -280,7 +282,7 @@ def _degrade_one(image: Tensor, recipe: Recipe, seed: int) -> tuple[Tensor, dict
     noise_std = _uniform(g, *recipe.noise_std)
     quality = round(_uniform(g, *recipe.jpeg_quality)) if recipe.jpeg_quality is not None else None
     out, drawn = KINDS[recipe.kind](image, intensity, g)
-    out = _jpeg(_noise(_blur(out, blur_sigma), noise_std, g), quality)
+    out = jpeg(add_noise(blur(out, blur_sigma), noise_std, g), quality)
     params = {"seed": seed, "kind": recipe.kind, "intensity": intensity, **drawn}
     params.update(blur_sigma=blur_sigma, noise_std=noise_std, jpeg_quality=quality)
     return out.clamp(0, 1), {k: _rounded(v) for k, v in params.items()}

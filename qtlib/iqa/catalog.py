@@ -134,6 +134,9 @@ class MetricInfo:
         needs_reference: full-reference metric (pyiqa ``metric_mode == 'FR'``).
         min_size: smallest image side the metric accepts (measured where it builds offline).
         fast_paths: qtlib's replacements of the pyiqa arch (keys of :data:`qtlib.iqa.fast.FAST_PATHS`).
+        reward_size: smallest image side on which the score is the statistic it is meant to be, so a
+            training reward may compare it across images (``min_size`` unless stated: NIQE needs 2x2
+            of its 96 px blocks, since on one block the covariance of its block features is 0).
     """
 
     name: str
@@ -148,6 +151,11 @@ class MetricInfo:
     needs_reference: bool
     min_size: int
     fast_paths: tuple[str, ...] = ()
+    reward_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reward_size < self.min_size:  # frozen: default to min_size once, here
+            object.__setattr__(self, "reward_size", self.min_size)
 
     def missing_weights(self) -> tuple[WeightFile, ...]:
         """The weight files not in their caches."""
@@ -184,6 +192,7 @@ class _Facts:
     gradient_note: str
     min_size: int
     fast_paths: tuple[str, ...] = ()
+    reward_size: int = 0
 
 
 _P = "qt weights prepare"
@@ -210,6 +219,7 @@ _FACTS: dict[str, _Facts] = {
         gradient_note="measured: partial, non-zero only inside the crop to multiples of 96 px",
         min_size=96,
         fast_paths=("niqe_float32",),
+        reward_size=192,
     ),
     "piqe": _Facts(
         weights=(),
@@ -318,6 +328,7 @@ def _build(name: str, facts: _Facts) -> MetricInfo:
         needs_reference=meta["metric_mode"] == "FR",
         min_size=facts.min_size,
         fast_paths=facts.fast_paths,
+        reward_size=facts.reward_size,
     )
 
 

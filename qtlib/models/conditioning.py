@@ -274,5 +274,34 @@ class ScoreConditioned(Restorer):
         return self._with_hooks(embeddings, fired, lambda: self.backbone.decode(enc))
 
     def injection_parameters(self) -> list[nn.Parameter]:
-        """Every parameter of the score embedding (for L_reg = 1/2 sum ||W - W_init||^2, eq. 8)."""
+        """Every parameter of the score embedding (what ``train.losses.pref.params: injection`` updates)."""
         return list(self.embedding.parameters())
+
+    def reg_parameters(self, groups: Sequence[str]) -> list[nn.Parameter]:
+        """The weights of L_reg = 1/2 sum ||W - W_init||^2 (eq. 8), by group, each parameter once, in a fixed order.
+
+        Args:
+            groups: any of ``embedding`` (the score embedding), ``injection`` (the backbone modules at
+                the injection points, whose outputs receive the embedding: the paper's "score injection
+                layers") and ``upsampling`` (the backbone's upsampling convolutions, ``ups``: what the
+                authors' code anchors).
+
+        Raises:
+            ValueError: an unknown group, or ``upsampling`` on a backbone without ``ups``.
+        """
+        found: dict[int, nn.Parameter] = {}
+        for group in groups:
+            if group == "embedding":
+                params = list(self.embedding.parameters())
+            elif group == "injection":
+                params = [p for name in self.cfg.injection for p in self.backbone.get_submodule(name).parameters()]
+            elif group == "upsampling":
+                ups = getattr(self.backbone, "ups", None)
+                if not isinstance(ups, nn.Module):
+                    raise ValueError(f"reg_params: {type(self.backbone).__name__} has no upsampling layers (ups)")
+                params = list(ups.parameters())
+            else:
+                raise ValueError(f"reg_params: unknown group {group!r}; expected embedding, injection or upsampling")
+            for p in params:
+                found.setdefault(id(p), p)
+        return list(found.values())

@@ -8,6 +8,7 @@ stated as attributes, not discovered with ``isinstance``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -67,6 +68,10 @@ class Restorer(nn.Module):
 
     def injection_parameters(self) -> list[nn.Parameter]:
         """The score-injection weights (L_reg of eq. 8); none for an unconditioned model."""
+        return []
+
+    def reg_parameters(self, groups: Sequence[str]) -> list[nn.Parameter]:
+        """The weights L_reg anchors (``train.losses.pref.reg_params``); none for an unconditioned model."""
         return []
 
     def unconditioned(self) -> nn.Module:

@@ -56,9 +56,11 @@ from qtlib.train.samples import (
     build_samples,
     draw_epoch_plan,
     rank_slots,
+    seed_for,
     steps_per_epoch,
 )
-from qtlib.train.schedule import scheduled_lr, set_lr
+from qtlib.train.schedule import ema_decay, scheduled_lr, set_lr
+from qtlib.train.views import apply_view, draw_view
 from qtlib.train.state import (
     Resume,
     TrainState,
@@ -74,6 +76,8 @@ from qtlib.train.step import (
     Switches,
     build_step_context,
     build_passes,
+    resolve_switches,
+    reward_side,
     train_step,
 )
 
@@ -97,6 +101,7 @@ LOG_SCHEMA = pa.schema(
         pa.field("reward_high", pa.float64()),
         pa.field("reward_low", pa.float64()),
         pa.field("sup", pa.float64()),
+        pa.field("reward_ref", pa.float64()),
         pa.field("lr", pa.float64()),
     ],
     metadata={"qtlib.table": "train_log"},
@@ -152,6 +157,8 @@ class RoundSpec:
     resume: Resume = True
     device: str = "auto"
     stop_after: int | None = None
+    rounds: int = 1
+    """The run's number of rounds: a ``start`` below 1 is a share of rounds x this round's steps."""
 
 
 @dataclass(frozen=True)
@@ -177,14 +184,15 @@ def round_fingerprint(spec: RoundSpec, world: int) -> str:
     """What a step checkpoint must match to be resumed: config slices, input hashes, global batch."""
     p = spec.paths
     return fingerprint({
-        "round": spec.round, "seed": spec.seed, "train": to_dict(replace(spec.train, checkpoint_every=1, gpus=1)),
+        "round": spec.round, "rounds": spec.rounds, "seed": spec.seed,
+        "train": to_dict(replace(spec.train, checkpoint_every=1, gpus=1)),
         "iqa": to_dict(spec.iqa), "bf16": spec.compute.bf16, "global_batch": spec.train.batch_size * world,
         "inputs": {k: file_hash(getattr(p, k)) for k in ("teacher", "student", "bank")},
         "images": portable(p.images, p.results_dir),
         "paired": portable(p.paired, p.results_dir) if p.paired is not None and spec.train.losses.sup.weight > 0
         else None,
         "initial": file_hash(p.initial) if p.initial is not None and spec.train.losses.pref.reg_anchor == "initial"
-        else None,
+        and spec.train.preference else None,
     })
 
 
@@ -248,17 +256,24 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     if world.distributed:
         passes = DistributedDataParallel(passes, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = _optimizer(student, tc, start)
-    ctx = build_step_context(student, opt, tc, spec.iqa, dev, top_score=float(mc.conditioning.top_score),
-                             bf16=spec.compute.bf16, passes=passes, reward=reward, init_params=_w_init(spec, dev))
-    label_top = best_pl_level(ctx.top_score, tc.relative_margin)
-    samples = build_samples(pd.read_parquet(spec.paths.bank), tc.method, label_top, ctx.switches.score_condition,
-                            tc.condition)
-    if ctx.switches.input_labels:
+    sw = resolve_switches(tc, student.conditioned)
+    label_top = best_pl_level(float(mc.conditioning.top_score), tc.relative_margin)
+    samples = build_samples(pd.read_parquet(spec.paths.bank), tc.method, label_top, sw.score_condition,
+                            tc.condition, tc.losses.pref.l2_target)
+    if sw.input_labels:
         samples = _input_labels(world, spec, samples, label_top)
-    reader = BankReader(samples, spec.paths.images, spec.paths.results_dir, tc.patch_size)
+    reader = BankReader(samples, spec.paths.images, spec.paths.results_dir, tc.patch_size,
+                        window=reward_side(tc.reward_window, tc.patch_size) if sw.needs_reward else 0,
+                        ref=sw.preference)
     global_batch = tc.batch_size * world.size
     per_epoch = steps_per_epoch(len(samples), global_batch)
-    ema = _teacher_ema(student, spec.paths.teacher, tc.ema_decay) if world.is_main else None
+    total = tc.steps if tc.steps > 0 else per_epoch * tc.epochs
+    ctx = build_step_context(student, opt, tc, spec.iqa, dev, top_score=float(mc.conditioning.top_score),
+                             window=reader.window or tc.patch_size, budget=spec.rounds * total, bf16=spec.compute.bf16,
+                             passes=passes, reward=reward, perceptual=sw.perceptual,
+                             init_params=_w_init(spec, dev, start.kind))
+    decay = ema_decay(tc.ema_decay, tc.ema_half_life, total)
+    ema = _teacher_ema(student, spec.paths.teacher, decay) if world.is_main else None
     st = TrainState("round", round_fingerprint(spec, world.size),
                     global_step=int(start.extra.get("global_step", 0)) if start.kind == "student" else 0,
                     determinism=determinism, perceptual=ctx.switches.perceptual, switches=asdict(ctx.switches),
@@ -267,7 +282,9 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     if resumed is not None:
         st = resume_into(resumed, student, opt, ema, restore_rng=world.is_main)
         _log.info("round %d: resuming at step %d", spec.round, st.step)
-    total = tc.steps if tc.steps > 0 else per_epoch * tc.epochs
+    if world.is_main:
+        _log.info("round %d: EMA decay %.6f (half-life %.0f steps), reward window %s px", spec.round, decay,
+                  math.log(0.5) / math.log(decay) if 0 < decay < 1 else math.inf, reader.window or "off")
     guard = NonFiniteGuard(tc.max_nonfinite_steps, f"train round {spec.round}")
     return _Round(spec, world, mc, student, opt, ema, ctx, reader, _paired_reader(spec), per_epoch, total, guard), st
 
@@ -287,14 +304,20 @@ def _input_labels(world: ddp.World, spec: RoundSpec, samples: TrainSamples, top_
     return labels.samples
 
 
-def _w_init(spec: RoundSpec, device: torch.device) -> list[torch.Tensor] | None:
-    """W_init of L_reg: the initial model's injection weights (``reg_anchor: initial``), else None (this round's)."""
-    if spec.train.losses.pref.reg_anchor != "initial":
+def _w_init(spec: RoundSpec, device: torch.device, start_kind: str = "student") -> list[torch.Tensor] | None:
+    """W_init of L_reg: the initial model's ``reg_params`` weights (``reg_anchor: initial``: one anchor for the
+    whole run), else None (the student's at the start of this round). A round that starts from the
+    pretrained model itself (``start_kind`` pretrain: round 0) needs no ``initial`` path: the student is it."""
+    pref = spec.train.losses.pref
+    if pref.reg_anchor != "initial" or not spec.train.preference:
         return None
     if spec.paths.initial is None:
-        raise ValueError("train.losses.pref.reg_anchor: initial needs the initial (pretrained) model (initial=)")
+        if start_kind == "pretrain":
+            return None
+        raise ValueError("train.losses.pref.reg_anchor: initial needs the initial (pretrained) model (initial=, "
+                         "qt train --initial) when the round starts from a later student")
     model, _ = _load_student(spec.paths.initial, device)
-    return [p.detach().clone() for p in model.injection_parameters()]
+    return [p.detach().clone() for p in model.reg_parameters(pref.reg_params)]
 
 
 def _paired_reader(spec: RoundSpec) -> PairedReader | None:
@@ -303,16 +326,22 @@ def _paired_reader(spec: RoundSpec) -> PairedReader | None:
         return None
     if spec.paths.paired is None:
         raise ValueError("train.losses.sup: the supervised anchor is on but no paired folder was given (paired=)")
-    return PairedReader(spec.paths.paired, spec.train.patch_size)
+    return PairedReader(spec.paths.paired, spec.train.patch_size, geometric=spec.train.losses.sup.geometric)
 
 
 def _one_step(r: _Round, st: TrainState, plan: EpochPlan, epoch: int, in_epoch: int) -> None:
     """Read this rank's batch, train, update the EMA teacher, log the rank-averaged terms."""
     tc = r.spec.train
     batch = r.reader.read(plan, rank_slots(in_epoch, r.world.rank, r.world.size, tc.batch_size))
+    seed = process_seed(r.spec.seed, r.spec.round, r.world.rank)
+    if tc.strong_view.enabled:  # the student's input of PL samples only, never the target
+        draw = draw_view(tc.strong_view, batch.x.shape[0], seed_for(seed, st.global_step, 17))
+        batch = replace(batch, x=apply_view(batch.x, draw, batch.pl),
+                        window=apply_view(batch.window, draw, batch.pl) if batch.window is not None else None)
     if r.paired is not None:  # drawn from (seed, round, rank, global step) alone, so resume stays exact
-        sup_x, sup_y = r.paired.read(process_seed(r.spec.seed, r.spec.round, r.world.rank), st.global_step,
-                                     tc.losses.sup.batch_size or tc.batch_size)
+        sup_x, sup_y = r.paired.read(seed, st.global_step, tc.losses.sup.batch_size or tc.batch_size)
+        if tc.losses.sup.strong_view:
+            sup_x = apply_view(sup_x, draw_view(tc.strong_view, sup_x.shape[0], seed_for(seed, st.global_step, 19)))
         batch = replace(batch, sup_x=sup_x, sup_y=sup_y)
     set_lr(r.opt, scheduled_lr(tc.lr, st.step, r.total, tc.lr_schedule))
     out = train_step(r.ctx, batch, st.global_step)
@@ -362,7 +391,8 @@ def _run_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None, deter
         epoch, in_epoch = divmod(st.step, r.per_epoch)
         if plan is None or plan.epoch != epoch:
             plan = draw_epoch_plan(st.n_samples, st.global_batch, r.reader.image_size, tc.patch_size, r.ctx.crop,
-                                   tc.losses.pref.low_levels, spec.seed, spec.round, epoch)
+                                   tc.losses.pref.low_levels, spec.seed, spec.round, epoch,
+                                   window=r.reader.window or tc.patch_size)
         _one_step(r, st, plan, epoch, in_epoch)
         if world.is_main and st.step < r.total and st.step % tc.checkpoint_every == 0:
             save_step(out, r.mc, r.student, r.opt, st, spec.round, r.ema)
@@ -392,6 +422,7 @@ def train_one_round(
     device: str = "auto",
     reward: RewardFn | None = None,
     stop_after: int | None = None,
+    rounds: int = 1,
 ) -> TrainResult:
     """Train the student for one round (``train.epochs`` epochs over the bank), EMA teacher every step.
 
@@ -405,12 +436,13 @@ def train_one_round(
         reward: the reward function (default: ``qtlib.iqa.Reward(iqa)`` when a reward term is on);
             with ``train.gpus > 1`` it must be picklable.
         stop_after: stop after this many steps of this call, leaving the step checkpoint (tests, time limits).
+        rounds: the run's number of rounds (a loss term's ``start`` below 1 is a share of rounds x steps).
 
     Returns:
         :class:`TrainResult`; ``student``/``teacher``/``losses`` are None when stopped before the end.
     """
     spec = RoundSpec(paths, round_, train, iqa, compute, seed, resume if isinstance(resume, bool) else Path(resume),
-                     device, stop_after)
+                     device, stop_after, rounds)
     for name in ("teacher", "student", "bank"):
         if not getattr(paths, name).is_file():
             raise FileNotFoundError(f"{name}: {getattr(paths, name)}: no such file")

@@ -1,7 +1,8 @@
 """Stage 1: supervised pretraining of the backbone on prepared paired data.
 
-Random aligned crops of ``degraded.zarr`` / ``clean.zarr``, L1 (+ an optional
-perceptual term), AdamW. When the model is score-conditioned only the backbone
+Random aligned crops of ``degraded.zarr`` / ``clean.zarr``, each pair turned by a
+random flip / quarter turn (``pretrain.geometric``: the views the teacher labels
+with), L1 (+ an optional perceptual term), AdamW. When the model is score-conditioned only the backbone
 is trained (``model.backbone(x)``): the zero-initialized score embedding stays
 exactly zero, so the pretrained model behaves the same at every score and is
 both student_0 and teacher_0 of the rounds.
@@ -154,7 +155,7 @@ def _pretrain(run: _PretrainRun, losses: str | Path | None, resume: bool | Path,
     t0 = time.perf_counter()
     pc, dev = run.cfg, resolve_device(device)
     seed_everything(run.seed)
-    reader = PairedReader(run.paired_dir, pc.patch_size)
+    reader = PairedReader(run.paired_dir, pc.patch_size, geometric=pc.geometric)
     per_kind = resolve_perceptual(pc.perceptual, pc.patch_size) if pc.perceptual_weight > 0 else "none"
     perceptual = build_perceptual(per_kind, dev)
     model = build_model(run.model_cfg).to(dev)

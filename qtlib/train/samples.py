@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 import zarr
 
+from qtlib.augment import DIHEDRAL, dihedral
 from qtlib.data.store import ImageStore, LabelStore
 from qtlib.train.losses import block_weight_map
 
@@ -79,6 +80,9 @@ class TrainSamples:
             unused ("", -1, -1) for input samples.
         blocks: (n, gh*gw) block scores of the target PL, row-major (ones for input samples).
         s_poor, s_best: S of the image's poorest and best PL in the selection.
+        ref_store, ref_index, ref_aug_index: where the image's reference PL of L2 (eq. 8) is: its poorest
+            PL (``l2_target: poorest``, the paper's text) or its best (``best``), whose window the reward
+            scores exactly as it scores y_h.
         is_input: the target is the degraded input itself (:func:`add_input_labels`); default all False.
     """
 
@@ -91,6 +95,9 @@ class TrainSamples:
     blocks: np.ndarray
     s_poor: np.ndarray
     s_best: np.ndarray
+    ref_store: np.ndarray
+    ref_index: np.ndarray
+    ref_aug_index: np.ndarray
     is_input: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -127,8 +134,11 @@ def best_pl_level(top_score: float, margin: float) -> float:
     return top_score - margin
 
 
+L2Target = Literal["poorest", "best"]
+
+
 def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_condition: bool,
-                  condition: Condition = "absolute") -> TrainSamples:
+                  condition: Condition = "absolute", l2_target: L2Target = "poorest") -> TrainSamples:
     """Turn a bank into training samples (see the module docstring for the rules).
 
     Args:
@@ -139,6 +149,7 @@ def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_co
             and its own PL as target (the unconditioned ablation and the baselines).
         condition: ``absolute`` = the PL's S (clipped at the top; the paper), ``relative`` =
             :func:`relative_level` (``train.condition``).
+        l2_target: the reference PL of L2 (``train.losses.pref.l2_target``): the image's poorest or best.
     """
     rows = select_bank_rows(bank, method)
     if rows.empty:
@@ -149,6 +160,7 @@ def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_co
     blocks = np.stack([np.asarray(b, dtype=np.float32) for b in rows["blocks_S"]])
     groups = rows.groupby("image_id", sort=False)
     best = groups["S"].transform("idxmax").to_numpy()  # row label of each image's best PL (index is 0..n-1)
+    ref = best if l2_target == "best" else groups["S"].transform("idxmin").to_numpy()
     s_best = groups["S"].transform("max").to_numpy(dtype=np.float64)
     level = np.minimum(s, top_score) if condition == "absolute" else relative_level(s, s_best, top_score)
     use_best = (level >= top_score) & score_condition
@@ -163,6 +175,9 @@ def build_samples(bank: pd.DataFrame, method: Method, top_score: float, score_co
         blocks=blocks[target],
         s_poor=groups["S"].transform("min").to_numpy(dtype=np.float32),
         s_best=s_best.astype(np.float32),
+        ref_store=rows["store"].to_numpy(dtype=object)[ref],
+        ref_index=rows["index"].to_numpy(dtype=np.int64)[ref],
+        ref_aug_index=rows["aug_index"].to_numpy(dtype=np.int64)[ref],
     )
 
 
@@ -243,6 +258,9 @@ def add_input_labels(samples: TrainSamples, input_scores: Mapping[str, float] | 
         blocks=np.ones((n, samples.blocks.shape[1]), dtype=np.float32),
         s_poor=samples.s_poor[order],
         s_best=samples.s_best[order],
+        ref_store=samples.ref_store[order],
+        ref_index=samples.ref_index[order],
+        ref_aug_index=samples.ref_aug_index[order],
         is_input=np.ones(n, dtype=bool),
     )
     return TrainSamples(**{f.name: np.concatenate([getattr(samples, f.name), getattr(extra, f.name)])
@@ -257,7 +275,8 @@ class EpochPlan:
         sample: sample index per slot (a permutation, wrapped round to fill the last global batch).
         patch_yx: (slots, 2) top-left of the training patch in the full image.
         low_level: the condition of y_l per slot (drawn from ``low_levels``).
-        crop_yx: (slots, 2) top-left of the cropped-consistency window inside the patch.
+        crop_yx: (slots, 2) top-left of the cropped-consistency crop inside the reward window.
+        window_yx: (slots, 2) top-left of the reward window (``train.reward_window``) in the full image.
     """
 
     epoch: int
@@ -267,6 +286,7 @@ class EpochPlan:
     patch_yx: np.ndarray
     low_level: np.ndarray
     crop_yx: np.ndarray
+    window_yx: np.ndarray
 
 
 def steps_per_epoch(n_samples: int, global_batch: int) -> int:
@@ -274,16 +294,29 @@ def steps_per_epoch(n_samples: int, global_batch: int) -> int:
     return max(1, -(-n_samples // global_batch))
 
 
+def _positions(rng: np.random.Generator, sizes: np.ndarray, sample: np.ndarray, side: int) -> np.ndarray:
+    """(slots, 2) top-left corners of a ``side`` px window, uniform over each slot's image."""
+    slots = len(sample)
+    if sizes.ndim == 2:  # uniform over each sample's own image: floor(u * number of positions)
+        room = sizes[sample] - side + 1
+        return np.minimum(np.floor(rng.random((slots, 2)) * room).astype(np.int64), room - 1)
+    h, w = (int(v) for v in sizes)  # one size for all: the draws of fixed-size runs, unchanged
+    return np.stack([rng.integers(0, h - side + 1, slots), rng.integers(0, w - side + 1, slots)], 1)
+
+
 def draw_epoch_plan(
     n_samples: int, global_batch: int, image_size: tuple[int, int] | np.ndarray, patch: int, crop: int,
-    low_levels: Sequence[float], seed: int, round_: int, epoch: int,
+    low_levels: Sequence[float], seed: int, round_: int, epoch: int, window: int | None = None,
 ) -> EpochPlan:
     """Draw all random choices of an epoch from a generator seeded by (seed, round, epoch).
 
     Args:
         image_size: ``(H, W)`` of every image, or an ``(n_samples, 2)`` array of each sample's
             image size (native-size data); a patch position is then uniform over its own image.
+        patch: the training patch side; crop: the cropped-consistency crop side (inside the window).
+        window: the reward window side (:func:`qtlib.train.step.reward_side`; None = ``patch``).
     """
+    window = patch if window is None else window
     sizes = np.asarray(image_size, dtype=np.int64)
     per_sample = sizes.ndim == 2
     if per_sample and sizes.shape != (n_samples, 2):
@@ -292,8 +325,10 @@ def draw_epoch_plan(
     if patch > small:
         where = "the smallest image side" if per_sample else f"the {sizes[0]}x{sizes[1]} images"
         raise ValueError(f"patch_size: {patch} px does not fit {where} ({small} px)")
-    if not 0 < crop <= patch:
-        raise ValueError(f"cropped window: expected 0 < {crop} <= patch {patch}")
+    if window > small:
+        raise ValueError(f"reward window: {window} px does not fit the smallest image side ({small} px)")
+    if not 0 < crop <= window:
+        raise ValueError(f"cropped window: expected 0 < {crop} <= reward window {window}")
     if not low_levels:
         raise ValueError("low_levels: expected at least one level")
     rng = seed_for(seed, round_, epoch, 7)
@@ -301,15 +336,11 @@ def draw_epoch_plan(
     slots = steps * global_batch
     perm = rng.permutation(n_samples)
     sample = np.resize(perm, slots)  # repeats the permutation's head to fill the last batch
-    if per_sample:  # uniform over each sample's own image: floor(u * number of positions)
-        room = sizes[sample] - patch + 1
-        patch_yx = np.minimum(np.floor(rng.random((slots, 2)) * room).astype(np.int64), room - 1)
-    else:  # one size for all: the draws of fixed-size runs, unchanged
-        h, w = (int(v) for v in sizes)
-        patch_yx = np.stack([rng.integers(0, h - patch + 1, slots), rng.integers(0, w - patch + 1, slots)], 1)
+    patch_yx = _positions(rng, sizes, sample, patch)
     low = np.asarray(low_levels, dtype=np.float32)[rng.integers(0, len(low_levels), slots)]
-    crop_yx = rng.integers(0, patch - crop + 1, (slots, 2))
-    return EpochPlan(epoch, steps, global_batch, sample, patch_yx, low, crop_yx)
+    crop_yx = rng.integers(0, window - crop + 1, (slots, 2))
+    window_yx = _positions(rng, sizes, sample, window)
+    return EpochPlan(epoch, steps, global_batch, sample, patch_yx, low, crop_yx, window_yx)
 
 
 def rank_slots(step_in_epoch: int, rank: int, world: int, batch: int) -> np.ndarray:
@@ -324,7 +355,11 @@ class Batch:
 
     Shape:
         x, target: (B, 3, P, P) in [0, 1]; weight: (B, 1, P, P), mean 1 over each full image;
-        cond, s_poor, s_best, low: (B,); crop_yx: (B, 2) int64;
+        cond, low: (B,); crop_yx: (B, 2) int64, inside the reward window;
+        window: (B, 3, W, W) the reward window of each input (y_h, y_l and the crops are restored from it),
+        or None when no reward term reads it;
+        ref: (B, 3, W, W) the same window of each image's reference PL of L2 (eq. 8), or None;
+        pl: (B,) bool, the sample is a pseudo-label sample (False: an input sample), or None = all;
         sup_x, sup_y: (B_sup, 3, P, P) labeled pairs of the supervised anchor, or None.
     """
 
@@ -332,10 +367,11 @@ class Batch:
     target: torch.Tensor
     weight: torch.Tensor
     cond: torch.Tensor
-    s_poor: torch.Tensor
     low: torch.Tensor
     crop_yx: torch.Tensor
-    s_best: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+    pl: torch.Tensor | None = None
     sup_x: torch.Tensor | None = None
     sup_y: torch.Tensor | None = None
 
@@ -392,9 +428,13 @@ class BankReader:
         images: the unlabeled ``images.zarr`` (either layout of :mod:`qtlib.data.store`).
         results_dir: the folder the bank's ``store`` paths are relative to.
         patch: patch side P.
+        window: the reward window side W, capped at the smallest image side (0 = the reward terms are off:
+            no window is read).
+        ref: also read the window of each sample's reference PL (L2 of eq. 8 is on).
     """
 
-    def __init__(self, samples: TrainSamples, images: str | Path, results_dir: str | Path, patch: int) -> None:
+    def __init__(self, samples: TrainSamples, images: str | Path, results_dir: str | Path, patch: int,
+                 window: int = 0, ref: bool = False) -> None:
         self.samples = samples
         self.images = ImageStore(images)
         self.results_dir = Path(results_dir)
@@ -404,6 +444,8 @@ class BankReader:
             raise ValueError(f"bank: source_index {int(samples.source_index.max())} is beyond the "
                              f"{len(self.images)} rows of {images}")
         self.sizes = self.images.sizes[samples.source_index]
+        self.window = min(window, int(self.sizes.min())) if window > 0 else 0  # capped at the smallest image
+        self.ref = ref and self.window > 0
         pl = ~samples.is_input
         for i in np.flatnonzero(pl):  # an input sample's target is its image: nothing to check
             got = self._store(samples.store[i]).size_of(int(samples.index[i]))
@@ -411,6 +453,9 @@ class BankReader:
                 raise ValueError(f"label store {samples.store[i]}: label {int(samples.index[i])} is {got} px, its "
                                  f"image {samples.image_id[i]} {tuple(self.sizes[i])}")
         self.grid = {store: self._store(store).grid for store in sorted(set(samples.store[pl]))}
+        if self.ref:
+            for store in sorted(set(samples.ref_store)):
+                self._store(store)  # a missing store fails here, not mid-round
 
     @property
     def image_size(self) -> tuple[int, int] | np.ndarray:
@@ -450,17 +495,37 @@ class BankReader:
             target=_to_float(np.stack(ts)),
             weight=torch.stack(ws),
             cond=torch.from_numpy(s.cond[idx].copy()),
-            s_poor=torch.from_numpy(s.s_poor[idx].copy()),
-            s_best=torch.from_numpy(s.s_best[idx].copy()),
             low=torch.from_numpy(plan.low_level[slots].copy()),
             crop_yx=torch.from_numpy(plan.crop_yx[slots].astype(np.int64)),
+            window=self._windows(idx, plan.window_yx[slots]) if self.window else None,
+            ref=self._ref_windows(idx, plan.window_yx[slots]) if self.ref else None,
+            pl=torch.from_numpy(~s.is_input[idx]),
         )
+
+    def _windows(self, idx: np.ndarray, yx: np.ndarray) -> torch.Tensor:
+        w = self.window
+        return _to_float(np.stack([self.images.read_window(int(self.samples.source_index[i]), int(t), int(left), w, w)
+                                   for i, (t, left) in zip(idx, yx, strict=True)]))
+
+    def _ref_windows(self, idx: np.ndarray, yx: np.ndarray) -> torch.Tensor:
+        s, w = self.samples, self.window
+        return _to_float(np.stack([self._store(s.ref_store[i]).window(int(s.ref_index[i]), int(s.ref_aug_index[i]),
+                                                                      int(t), int(left), w, w)
+                                   for i, (t, left) in zip(idx, yx, strict=True)]))
 
 
 class PairedReader:
-    """Random aligned crops from a prepared paired folder (``degraded.zarr`` + ``clean.zarr``, either layout)."""
+    """Random aligned crops from a prepared paired folder (``degraded.zarr`` + ``clean.zarr``, either layout).
 
-    def __init__(self, paired_dir: str | Path, patch: int) -> None:
+    Args:
+        paired_dir: the prepared paired folder.
+        patch: crop side.
+        geometric: also turn each pair by a random element of the dihedral group (flips and quarter
+            turns, :func:`qtlib.augment.dihedral`), the same transform on both images, so that the model
+            learns every view the teacher labels with (``pretrain.geometric``, ``train.losses.sup.geometric``).
+    """
+
+    def __init__(self, paired_dir: str | Path, patch: int, geometric: bool = False) -> None:
         paired_dir = Path(paired_dir)
         self.degraded = ImageStore(paired_dir / "degraded.zarr")
         self.clean = ImageStore(paired_dir / "clean.zarr")
@@ -471,6 +536,7 @@ class PairedReader:
             raise ValueError(f"patch_size: {patch} px does not fit the paired images (smallest side {small} px)")
         self.patch = patch
         self.uniform = self.degraded.uniform
+        self.geometric = geometric
 
     def __len__(self) -> int:
         return len(self.degraded)
@@ -491,4 +557,9 @@ class PairedReader:
         for r, t, left in zip(rows, tops, lefts, strict=True):
             xs.append(self.degraded.read_window(int(r), int(t), int(left), p, p))
             ys.append(self.clean.read_window(int(r), int(t), int(left), p, p))
-        return _to_float(np.stack(xs)), _to_float(np.stack(ys))
+        x, y = _to_float(np.stack(xs)), _to_float(np.stack(ys))
+        if self.geometric:  # drawn after the crops, so the crops are those of geometric: false
+            ks = rng.integers(0, DIHEDRAL, batch)
+            x = torch.stack([dihedral(v, int(k)) for v, k in zip(x, ks, strict=True)])
+            y = torch.stack([dihedral(v, int(k)) for v, k in zip(y, ks, strict=True)])
+        return x, y

@@ -36,3 +36,17 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate."""
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+def ema_decay(decay: float, half_life: float, steps: int) -> float:
+    """The EMA teacher's decay per step (``train.ema_decay``, ``train.ema_half_life``).
+
+    With ``half_life`` a share h of a round's ``steps`` (0 < h <= 1), the decay is
+    ``0.5 ** (1 / (h * steps))``: after h x steps updates the teacher's initial weights keep half
+    their weight, whatever the budget. ``half_life`` 0 = ``decay`` as given.
+    """
+    if half_life <= 0:
+        return decay
+    if steps < 1:
+        raise ValueError(f"ema half-life: a round of {steps} steps has no half-life")
+    return 0.5 ** (1.0 / (half_life * steps))

@@ -1,13 +1,14 @@
 """One training step of the QualiTeacher student, eq. (11): :func:`train_step`.
 
-1. all student passes in ONE forward: the batch at its conditions (for L_rec
-   and L_per), the inputs whose condition is below the top level again at the
-   top level (y_h; samples already at the top reuse their first output), the
-   batch at the drawn low levels (y_l), and the cropped inputs at the top
-   level (for L_cropped) -- the first three stacked along the batch, the crops
-   (a smaller size) as a second tensor of the same call;
-2. rewards (the frozen, differentiable IQA ensemble, 0..10 scale) of y_h and
-   y_l in one call, and of crop(y_h) and f(crop(x)) in another;
+1. all student passes in ONE forward (:class:`StudentPasses`): the batch's patches at
+   their conditions (for L_rec and L_per); each input's reward window (``train.reward_window``)
+   at the top level (y_h) and at the drawn low level (y_l); the crops of the windows at the
+   top level (for L_cropped); the labeled pairs at the top level (the supervised anchor).
+   Passes of one image size are stacked, and the passes of one input share its encoder;
+2. rewards (the frozen, differentiable IQA ensemble, 0..10 scale) of y_h and y_l in one
+   call, of the reference pseudo-label's window of L2 in another (no gradient: the same
+   reward on the same window, so L2 compares like with like), and of crop(y_h) and
+   f(crop(x)) in a third;
 3. ``w_rec L_rec + w_per L_per + w_pref (L1 + a L2 + b L_reg) + w_crop L_cropped``,
    each term on only from its ``start`` step (counted over all rounds);
 4. backward and the AdamW step (the EMA update is the round's).
@@ -27,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from qtlib.config.types import IQAConfig, Losses, TrainConfig
+from qtlib.config.types import IQAConfig, Losses, TrainConfig, start_step
 from qtlib.models import Restorer
 from qtlib.train.samples import Batch
 from qtlib.train.losses import (
@@ -47,7 +48,7 @@ RewardFn = Callable[[torch.Tensor], torch.Tensor]
 """(B, 3, H, W) images in [0, 1] -> (B,) differentiable quality on the 0..10 scale."""
 
 TERMS = ("loss", "rec", "per", "pref_first", "pref_second", "pref_reg", "cropped", "reward_high", "reward_low",
-         "sup")
+         "sup", "reward_ref")
 """Names of the logged terms of a step (unweighted batch means; NaN when off)."""
 
 
@@ -124,9 +125,16 @@ def resolve_switches(cfg: TrainConfig, conditioned: bool, perceptual: str | None
                     cfg.cropped and losses.cropped.weight > 0, sup, cfg.input_labels)
 
 
-def crop_side(patch: int, fraction: float) -> int:
-    """Side of the cropped-consistency window: ``round(fraction * patch)``, at least 1."""
-    return max(1, round(fraction * patch))
+def crop_side(window: int, fraction: float) -> int:
+    """Side of the cropped-consistency crop: ``round(fraction * window)``, at least 1."""
+    return max(1, round(fraction * window))
+
+
+def reward_side(reward_window: int, patch: int, smallest_side: int | None = None) -> int:
+    """Side of the reward window (``train.reward_window``): the setting, capped at the smallest image side;
+    0 = the training patch."""
+    side = reward_window or patch
+    return side if smallest_side is None else min(side, int(smallest_side))
 
 
 def pass_chunk(batch_size: int, device: torch.device, fast: bool = True) -> int | None:
@@ -140,24 +148,29 @@ def build_passes(student: nn.Module, batch_size: int, device: torch.device, fast
     return StudentPasses(student, chunk=pass_chunk(batch_size, device, fast), share_encoder=fast)
 
 
+Group = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""One stack of student passes: (distinct inputs (N, 3, H, W), rows (M,) into them, scores (M,))."""
+
+
 class StudentPasses(nn.Module):
     """Every student forward of a step in one call, so DDP sees one forward per backward.
 
-    The stacked images may run as several student calls of at most ``chunk``
-    images (still one forward of this module): on a CPU a large stack is slower
-    than the same images in pieces (caches), on a GPU one big call is faster.
-    Chunking changes no arithmetic per image (each sample's output depends only on
-    its own input and score), only which batch oneDNN computes it in.
+    The passes come as groups of one image size; a group's output is ``student(x[rows], score)``,
+    with the score-independent encoder run once per input where the student allows
+    (:meth:`~qtlib.models.Restorer.forward_rows`). A group may run as several student calls of at
+    most ``chunk`` rows (still one forward of this module): on a CPU a large stack is slower than
+    the same images in pieces (caches), on a GPU one big call is faster. Chunking changes no
+    arithmetic per image (each sample's output depends only on its own input and score).
 
     Args:
         student: the student (any built model: ``student(x, score)``).
-        chunk: at most this many images per student call (None: one call).
+        chunk: at most this many rows per student call (None: one call).
         share_encoder: run the score-independent encoder once per input (``forward_rows``); False =
             every pass of an input is a full forward (``train.fast_passes: false``).
 
     Shape:
-        - x: (N, 3, P, P), score: (N,) or None; crops: (B, 3, c, c), crop_score: (B,) or None.
-        - Output: (student(x, score), student(crops, crop_score) or None).
+        - groups: a sequence of :data:`Group`.
+        - Output: one (M, 3, H, W) tensor per group.
     """
 
     def __init__(self, student: nn.Module, chunk: int | None = None, share_encoder: bool = True) -> None:
@@ -168,25 +181,44 @@ class StudentPasses(nn.Module):
         self.chunk = chunk
         self.share_encoder = share_encoder
 
-    def _run(self, x: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         if self.chunk is None or x.shape[0] <= self.chunk:
             return self.student(x, score)
-        scores = score.split(self.chunk) if score is not None else [None] * math.ceil(x.shape[0] / self.chunk)
-        return torch.cat([self.student(xc, sc) for xc, sc in zip(x.split(self.chunk), scores, strict=True)])
+        return torch.cat([self.student(xc, sc) for xc, sc in zip(x.split(self.chunk), score.split(self.chunk),
+                                                                  strict=True)])
 
     def _run_rows(self, x: torch.Tensor, rows: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         if not self.share_encoder:
             return self._run(x.index_select(0, rows), score)
         return self.student.forward_rows(x, rows, score, self.chunk)
 
-    def forward(
-        self, x: torch.Tensor, score: torch.Tensor | None, crops: torch.Tensor | None = None,
-        crop_score: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """With ``rows``: the first output is ``student(x[rows], score)`` (the encoder shared where the
-        student allows, :meth:`~qtlib.models.Restorer.forward_rows`); without: ``student(x, score)``."""
-        main = self._run(x, score) if rows is None else self._run_rows(x, rows, score)
-        return main, (self._run(crops, crop_score) if crops is not None else None)
+    def forward(self, groups: list[Group]) -> list[torch.Tensor]:
+        return [self._run_rows(x, rows, score) for x, rows, score in groups]
+
+
+def plan_groups(requests: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[list[Group], dict[str, tuple[int, int, int]]]:
+    """Stack the passes of a step into :data:`Group` s of one image size.
+
+    Args:
+        requests: ``(name, inputs, scores)`` per pass; passes that name the same ``inputs`` tensor
+            (the same object) share its rows, hence its encoder.
+
+    Returns:
+        The groups, and per name ``(group, start, length)``: where its output lies.
+    """
+    by_size: dict[tuple[int, int], dict] = {}
+    where: dict[str, tuple[int, int, int]] = {}
+    for name, x, score in requests:
+        g = by_size.setdefault(tuple(x.shape[-2:]), {"inputs": [], "offset": {}, "rows": [], "scores": [], "n": 0})
+        if id(x) not in g["offset"]:
+            g["offset"][id(x)] = sum(t.shape[0] for t in g["inputs"])
+            g["inputs"].append(x)
+        g["rows"].append(g["offset"][id(x)] + torch.arange(x.shape[0], device=x.device))
+        g["scores"].append(score)
+        where[name] = (list(by_size).index(tuple(x.shape[-2:])), g["n"], x.shape[0])
+        g["n"] += x.shape[0]
+    groups = [(torch.cat(g["inputs"]), torch.cat(g["rows"]), torch.cat(g["scores"])) for g in by_size.values()]
+    return groups, where
 
 
 @dataclass
@@ -202,11 +234,12 @@ class StepContext:
     top_score: float
     crop: int
     reward: RewardFn | None
-    """Reward of y_h and y_l (patch-sized images)."""
+    """Reward of y_h, y_l and the reference label (window-sized images)."""
     crop_reward: RewardFn | None
     """Reward of the cropped-consistency pair (crop-sized images)."""
     perceptual: nn.Module | None
     init_params: list[torch.Tensor]
+    """W_init of L_reg, one tensor per parameter of :meth:`~qtlib.models.Restorer.reg_parameters`."""
     device: torch.device
     bf16: bool = False
 
@@ -236,35 +269,43 @@ def active_terms(sw: Switches, losses: Losses, step: int) -> dict[str, bool]:
     }
 
 
-def _student_outputs(ctx: StepContext, batch: Batch, on: dict[str, bool]):
-    """Run the stacked passes; return y, y_h, y_l, f(crop(x)), y_sup (None where not needed)."""
+@dataclass(frozen=True)
+class _Outputs:
+    """The student's outputs of a step (None where not needed)."""
+
+    y: torch.Tensor
+    y_h: torch.Tensor | None
+    y_l: torch.Tensor | None
+    y_crop: torch.Tensor | None
+    y_sup: torch.Tensor | None
+
+
+def _student_outputs(ctx: StepContext, batch: Batch, on: dict[str, bool]) -> _Outputs:
+    """Run every pass of the step in one call of ``ctx.passes`` (see the module docstring)."""
     x, b = batch.x, batch.x.shape[0]
     top = torch.full((b,), ctx.top_score, device=ctx.device)
-    cond = batch.cond if ctx.switches.score_condition else top
-    need_top = on["pref"] or on["cropped"]
-    redo = torch.nonzero(cond < ctx.top_score).flatten() if need_top else cond.new_zeros(0, dtype=torch.long)
-    every = torch.arange(b, device=ctx.device)
-    rows, scores = [every, redo], [cond, top[redo]]
+    requests = [("y", x, batch.cond if ctx.switches.score_condition else top)]
+    if on["pref"] or on["cropped"]:
+        if batch.window is None:
+            raise ValueError("batch: the reward terms are on but the batch has no reward window")
+        requests.append(("y_h", batch.window, top))
     if on["pref"]:
-        rows.append(every)
-        scores.append(batch.low)
-    n_sup = batch.sup_x.shape[0] if on["sup"] and batch.sup_x is not None else 0
-    inputs = x
-    if n_sup:  # the labeled pairs, at the top level (what inference uses)
-        inputs = torch.cat([x, batch.sup_x])
-        rows.append(torch.arange(b, b + n_sup, device=ctx.device))
-        scores.append(torch.full((n_sup,), ctx.top_score, device=ctx.device))
-    crops = crop_batch(x, batch.crop_yx, ctx.crop) if on["cropped"] else None
+        requests.append(("y_l", batch.window, batch.low))
+    if on["cropped"]:
+        requests.append(("crop", crop_batch(batch.window, batch.crop_yx, ctx.crop), top))
+    if on["sup"] and batch.sup_x is not None:  # the labeled pairs, at the top level (what inference uses)
+        requests.append(("sup", batch.sup_x, torch.full((batch.sup_x.shape[0],), ctx.top_score, device=ctx.device)))
+    groups, where = plan_groups(requests)
     with autocast(ctx.device, ctx.bf16):
-        # every pass of x is a row of x: the score-independent encoder runs once per input
-        out, out_crop = ctx.passes(inputs, torch.cat(scores), crops, top if crops is not None else None,
-                                   torch.cat(rows))
-    out = out.float()
-    y = out[:b]
-    y_h = y.index_copy(0, redo, out[b:b + len(redo)]) if need_top else None
-    y_l = out[b + len(redo):b + len(redo) + b] if on["pref"] else None
-    y_sup = out[out.shape[0] - n_sup:] if n_sup else None
-    return y, y_h, y_l, (out_crop.float() if out_crop is not None else None), y_sup
+        outs = ctx.passes(groups)
+
+    def get(name: str) -> torch.Tensor | None:
+        if name not in where:
+            return None
+        g, start, n = where[name]
+        return outs[g][start:start + n].float()
+
+    return _Outputs(get("y"), get("y_h"), get("y_l"), get("crop"), get("sup"))
 
 
 def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
@@ -276,9 +317,11 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
         step: the global step (over all rounds), which decides the terms that are on.
     """
     batch = Batch(**{k: (v.to(ctx.device) if v is not None else None) for k, v in vars(batch).items()})
+    # (a start below 1, a share of the budget, was resolved to a step by the caller: resolve_starts)
     on = active_terms(ctx.switches, ctx.losses, step)
     lc = ctx.losses
-    y, y_h, y_l, y_crop, y_sup = _student_outputs(ctx, batch, on)
+    o = _student_outputs(ctx, batch, on)
+    y, y_h, y_l = o.y, o.y_h, o.y_l
     terms = dict.fromkeys(TERMS, math.nan)
     injection_only: torch.Tensor | None = None  # L_pref with train.losses.pref.params: injection
     total = y.sum() * 0.0  # keeps the graph (and DDP's hooks) when no term is on yet
@@ -295,24 +338,27 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
         r_h, r_l = r.chunk(2)
         if not lc.pref.low_grad:  # y_l a fixed reference: L1 can only be met by raising y_h
             r_l = r_l.detach()
-        s_tea = batch.s_best if lc.pref.l2_target == "best" else batch.s_poor
+        if batch.ref is None:
+            raise ValueError("batch: the preference is on but the batch has no reference label window (ref)")
+        with torch.no_grad():  # S_tea of L2: the reference label's window, scored exactly as y_h is
+            s_tea = ctx.reward(batch.ref).float()
         unit = 0.1 if lc.pref.unit_rewards else 1.0  # [0, 1] rewards: delta is a fraction of the range
         pt = preference_terms(r_h * unit, r_l * unit, s_tea * unit, lc.pref.beta, lc.pref.delta)
-        reg = injection_reg(ctx.student.injection_parameters(), ctx.init_params)
+        reg = injection_reg(ctx.student.reg_parameters(lc.pref.reg_params), ctx.init_params)
         pref = lc.pref.weight * (pt.first + lc.pref.second_weight * pt.second + lc.pref.reg_weight * reg)
         if lc.pref.params == "all":
             total = total + pref
         else:
             injection_only = pref
         terms.update(pref_first=pt.first.item(), pref_second=pt.second.item(), pref_reg=reg.item(),
-                     reward_high=r_h.mean().item(), reward_low=r_l.mean().item())
+                     reward_high=r_h.mean().item(), reward_low=r_l.mean().item(), reward_ref=s_tea.mean().item())
     if on["cropped"]:
-        r = ctx.crop_reward(torch.cat([crop_batch(y_h, batch.crop_yx, ctx.crop), y_crop]).clamp(0, 1)).float()
+        r = ctx.crop_reward(torch.cat([crop_batch(y_h, batch.crop_yx, ctx.crop), o.y_crop]).clamp(0, 1)).float()
         cc = cropped_consistency(*r.chunk(2))
         total = total + lc.cropped.weight * cc
         terms["cropped"] = cc.item()
-    if y_sup is not None:
-        total, terms["sup"] = _supervised(ctx, y_sup, batch.sup_y, total)
+    if o.y_sup is not None:
+        total, terms["sup"] = _supervised(ctx, o.y_sup, batch.sup_y, total)
     ctx.optimizer.zero_grad(set_to_none=True)
     if injection_only is None:
         total.backward()
@@ -353,6 +399,8 @@ def build_step_context(
     device: torch.device,
     *,
     top_score: float,
+    window: int | None = None,
+    budget: int = 0,
     bf16: bool = False,
     passes: nn.Module | None = None,
     reward: RewardFn | None = None,
@@ -367,27 +415,36 @@ def build_step_context(
         train, iqa: the ``train`` and ``iqa`` sections.
         device: where the step runs.
         top_score: the merged top condition level (``model.conditioning.top_score``).
+        window: the reward window side (:func:`reward_side`; default ``train.reward_window`` or the patch).
+        budget: the run's steps (rounds x steps per round), for a ``start`` given as a share.
         bf16: autocast the student passes (``compute.bf16``).
         passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one, chunked
             to ``train.batch_size`` images per call on a CPU, one call elsewhere; :func:`build_passes`).
         reward: one reward function for both reward terms (default: the IQA ensemble, built only when
             a reward term is on: one for patch-sized, one for crop-sized images).
         perceptual: the resolved perceptual kind (default: resolve ``train.losses.per.kind`` now).
-        init_params: W_init of L_reg (default: the student's injection weights now).
+        init_params: W_init of L_reg (default: the student's ``train.losses.pref.reg_params`` weights now).
     """
     sw = resolve_switches(train, student.conditioned, perceptual)
-    crop = crop_side(train.patch_size, train.losses.cropped.fraction)
-    full_reward = reward if reward is not None else (
-        build_reward(iqa, train.patch_size, device) if sw.preference else None)
+    window = window if window is not None else reward_side(train.reward_window, train.patch_size)
+    crop = crop_side(window, train.losses.cropped.fraction)
+    full_reward = reward if reward is not None else (build_reward(iqa, window, device) if sw.preference else None)
     crop_reward = reward if reward is not None else (build_reward(iqa, crop, device) if sw.cropped else None)
-    # W_init of L_reg: the injection weights when the context is built (empty when unconditioned)
+    # W_init of L_reg: the anchored weights when the context is built (empty when unconditioned)
     if init_params is None:
-        init_params = [p.detach().clone() for p in student.injection_parameters()]
+        init_params = [p.detach().clone() for p in student.reg_parameters(train.losses.pref.reg_params)]
     if passes is None:
         passes = build_passes(student, train.batch_size, device, train.fast_passes)
     return StepContext(passes, student, optimizer, sw,
-                       train.losses, top_score, crop, full_reward, crop_reward,
+                       resolve_starts(train.losses, budget), top_score, crop, full_reward, crop_reward,
                        build_perceptual(sw.perceptual, device), init_params, device, bf16)
+
+
+def resolve_starts(losses: Losses, budget: int) -> Losses:
+    """``losses`` with every term's ``start`` as a global step (a start below 1 is a share of ``budget``)."""
+    return replace(losses, **{name: replace(getattr(losses, name), start=start_step(getattr(losses, name).start,
+                                                                                    budget))
+                              for name in ("rec", "per", "pref", "cropped", "sup")})
 
 
 def _supervised(ctx: StepContext, y: torch.Tensor, gt: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -400,27 +457,28 @@ def _supervised(ctx: StepContext, y: torch.Tensor, gt: torch.Tensor, total: torc
 
 
 def reward_config(iqa: IQAConfig, side: int) -> IQAConfig:
-    """The ensemble restricted to the members that accept ``side`` px images (catalog ``min_size``).
+    """The ensemble restricted to the members well defined on ``side`` px images (catalog ``reward_size``).
 
-    The cropped-consistency term scores crops (``fraction * patch_size``), which
-    may be below what a member accepts (NIQE needs 96 px). Both of its scores
-    are of crops of the same size, so the term compares them with the members
-    that can score that size; the weights are renormalized by the Reward.
+    A reward scores windows (``train.reward_window``) and crops (``fraction * window``), which may
+    be below what a member scores meaningfully: NIQE accepts 96 px, but on one 96 px block the
+    covariance of its block features is 0 and the score is on another scale. Every score a term
+    compares is of an image of the same size, so the term uses the members well defined at that
+    size; the weights are renormalized by the Reward.
 
     Raises:
-        ValueError: no member accepts ``side`` px.
+        ValueError: no member is well defined at ``side`` px.
     """
     from qtlib.iqa import get_info
 
-    kept = tuple(m for m in iqa.ensemble if get_info(m.metric).min_size <= side)
+    kept = tuple(m for m in iqa.ensemble if get_info(m.metric).reward_size <= side)
     if not kept:
-        need = min(get_info(m.metric).min_size for m in iqa.ensemble)
+        need = min(get_info(m.metric).reward_size for m in iqa.ensemble)
         raise ValueError(f"reward: no member of iqa.ensemble scores {side} px images (the smallest needs {need} "
                          "px); raise train.patch_size or train.losses.cropped.fraction")
     if len(kept) < len(iqa.ensemble):
         left = [m.metric for m in iqa.ensemble if m not in kept]
-        _log.warning("reward on %d px images: leaving out %s (minimum size); using %s", side, ", ".join(left),
-                     ", ".join(m.metric for m in kept))
+        _log.warning("reward on %d px images: leaving out %s (not well defined below its reward size); using %s",
+                     side, ", ".join(left), ", ".join(m.metric for m in kept))
     return replace(iqa, ensemble=kept)
 
 

@@ -50,7 +50,7 @@ rule train:
         teacher=str(L.teacher("{r}")),
         losses=str(L.losses("{r}")),
     params:
-        cfg=slice_json("train", "iqa", "compute", "seed"),
+        cfg=slice_json("train", "iqa", "compute", "seed", "rounds"),
         results_dir=RES,
         paired=str(L.prepared("paired")),
     log:

@@ -8,5 +8,6 @@ with job(snakemake, gpus=snakemake.resources.gpu) as ctx:
                           losses=o.losses, paired=snakemake.params.paired,
                           initial=i.initial)
     result = train_one_round(paths, int(snakemake.wildcards.r), ctx.cfg.train, ctx.cfg.iqa, ctx.cfg.compute, ctx.cfg.seed,
+                             rounds=ctx.cfg.rounds,
                              device=ctx.device)
     print(result)
