@@ -232,3 +232,17 @@ def test_exception_no_ground_truth_names_the_folder(setup: dict, tmp_path: Path)
         headroom(setup["teacher"], tmp_path / "test", tmp_path / "h.parquet", 0, IQA, LabelConfig(), device="cpu")
     assert not (tmp_path / "h.parquet").exists()
 
+
+
+def test_stage_on_images_of_two_sizes_tiled(setup: dict, tmp_path: Path) -> None:
+    """Non-square images of two sizes (rot90 swaps the shape), the larger restored tile by tile."""
+    photos = natural_images(2, 96)
+    for k, (h, w) in enumerate(((64, 80), (72, 56))):
+        write_image(tmp_path / "raw" / "clean" / f"img_{k}.png", photos[k, :, :h, :w])
+        write_image(tmp_path / "raw" / "degraded" / f"img_{k}.png", photos[k, :, :h, :w].mul(0.9))
+    prepare_paired(tmp_path / "raw", tmp_path / "test", DataConfig(geometry="native", min_size=16))
+    cfg = LabelConfig(tile=76, tile_overlap=8)
+    result = headroom(setup["teacher"], tmp_path / "test", tmp_path / "h.parquet", 1, IQA, cfg, device="cpu")
+    frame = pd.read_parquet(result.path)
+    assert len(frame) == 2 and np.isfinite(frame.filter(like="psnr_").to_numpy()).all()
+    assert frame.filter(like="S_").notna().all().all() and (frame["round"] == 1).all()
