@@ -66,6 +66,50 @@ def restore_augmented(
     return torch.stack(views, dim=1)
 
 
+def restore_views(
+    restore: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    augs: Sequence[GeometricAug],
+    tile: int = 0,
+    restore_tiled: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Eq. (1) for a batch of one size, any shape: every augmentation's view in input coordinates.
+
+    Square images: all views in one call (:func:`restore_augmented`). Otherwise the views
+    are grouped by their shape (hflip/vflip keep it, rot90 swaps it), one call per group.
+    Above ``tile`` px (longer side) each view of each image is restored alone by ``restore_tiled``.
+
+    Args:
+        restore: the teacher, ``(N, C, H, W) -> (N, C, H, W)``.
+        images: ``(B, C, H, W)``, one size.
+        augs: the K augmentations.
+        tile: longer side above which ``restore_tiled`` is used (0 = never).
+        restore_tiled: the teacher on one ``(C, H, W)`` image, tile by tile (needed when ``tile`` > 0).
+
+    Returns:
+        ``(B, K, C, H, W)`` views in the original coordinates.
+    """
+    check_shape(images, ["B", "C", "H", "W"], "images")
+    h, w = images.shape[-2:]
+    if tile and max(h, w) > tile:
+        if restore_tiled is None:
+            raise ValueError(f"restore_tiled: needed for images above tile={tile} px, got None")
+        return torch.stack([torch.stack([a.inverse(restore_tiled(a.forward(img))) for a in augs])
+                            for img in images])
+    if h == w:
+        return restore_augmented(restore, images, augs)
+    views: list[torch.Tensor | None] = [None] * len(augs)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(augs):
+        by_shape.setdefault(tuple(a.forward(images[:1, :1]).shape[-2:]), []).append(i)
+    b = images.shape[0]
+    for members in by_shape.values():  # the views of one group share a shape: one call
+        out = restore(torch.cat([augs[i].forward(images) for i in members])).split(b)
+        for i, y in zip(members, out, strict=True):
+            views[i] = augs[i].inverse(y)
+    return torch.stack(views, dim=1)  # type: ignore[arg-type]
+
+
 def with_mean_label(views: torch.Tensor, n_labels: int) -> torch.Tensor:
     """The views of a batch, plus their pixel mean as one more label when ``n_labels`` asks for it.
 

@@ -19,8 +19,9 @@ the test set has clean ground truth.
 
 Outputs under ``out_dir``: ``metrics.parquet`` (one row per image x method x
 level, schema :func:`metrics_schema`), ``summary.md`` (means with the pretrained
-row as the reference, differences to it, Spearman(level, score) of the student)
-and ``plots/*.png`` (:mod:`qtlib.plots`).
+row as the reference, differences to it, Spearman(level, score) of the student;
+with the rounds' headroom tables, a last section on what their pseudo-labels could
+give, :mod:`qtlib.headroom_table`) and ``plots/*.png`` (:mod:`qtlib.plots`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from qtlib import plots
 from qtlib.config import EvaluateConfig, IQAConfig, Member
 from qtlib.config.types import ConditioningConfig
 from qtlib.data import ImageStore
+from qtlib.headroom_table import read_headroom, render_section
+from qtlib.headroom_table import summarize as summarize_headroom
 from qtlib.iqa import Ensemble, create_metric, get_info
 from qtlib.iqa.ensemble import check_images
 from qtlib.ledger import read_ledger, write_table
@@ -404,7 +407,8 @@ def _round_plots(ledgers: Sequence[str | Path], gates: Sequence[str | Path], ban
 def evaluate(pretrained: str | Path, teacher: str | Path, student: str | Path, test_dir: str | Path,
              out_dir: str | Path, cfg: EvaluateConfig, *, iqa: IQAConfig | None = None,
              ledgers: Sequence[str | Path] = (), gates: Sequence[str | Path] = (), banks: Sequence[str | Path] = (),
-             device: str | torch.device = "cpu", batch_size: int = 4) -> EvalResult:
+             headrooms: Sequence[str | Path] = (), device: str | torch.device = "cpu",
+             batch_size: int = 4) -> EvalResult:
     """Evaluate degraded input, pretrained model, final teacher and final student; write tables and plots.
 
     Args:
@@ -416,6 +420,7 @@ def evaluate(pretrained: str | Path, teacher: str | Path, student: str | Path, t
         cfg: the ``evaluate`` config (levels, panel, number of examples).
         iqa: the ``iqa`` config (batch size, downloads); None = defaults.
         ledgers, gates, banks: the rounds' tables, for the per-round plots (empty = no such plot).
+        headrooms: the rounds' ``headroom.parquet`` (empty = no headroom section in ``summary.md``).
         device: where models and metrics run.
         batch_size: test images per forward pass.
 
@@ -435,8 +440,10 @@ def evaluate(pretrained: str | Path, teacher: str | Path, student: str | Path, t
     means = summarize(metrics)
     control = controllability(means, lower_better)
     summary_path = out_dir / "summary.md"
-    summary_path.write_text(render_summary(means, differences(means), control, cands, len(test.degraded.ids),
-                                           lower_better))
+    text = render_summary(means, differences(means), control, cands, len(test.degraded.ids), lower_better)
+    if headrooms:
+        text += "\n" + render_section(summarize_headroom(read_headroom(headrooms)), to_markdown)
+    summary_path.write_text(text)
     plot_dir = out_dir / "plots"
     paths = [plots.plot_controllability(means, scorer.columns, lower_better, plot_dir / "controllability.png")]
     paths += _round_plots(ledgers, gates, banks, plot_dir)

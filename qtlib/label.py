@@ -41,7 +41,7 @@ import zarr
 from tqdm import tqdm
 
 from qtlib import __version__
-from qtlib.augment import get_augmentations, restore_augmented, with_mean_label
+from qtlib.augment import get_augmentations, restore_views, with_mean_label
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
 from qtlib.data.store import commit_path, remove_path, staging_path
@@ -190,38 +190,14 @@ class _Shard:
     meta: dict
 
 
-def restore_views(sh: _Shard, x: torch.Tensor) -> torch.Tensor:
-    """``(B, K, 3, H, W)``: every augmentation's label of a batch of one size, in input coordinates.
-
-    Square images: all views in one call (:func:`restore_augmented`). Otherwise the views
-    are grouped by their shape (hflip/vflip keep it, rot90 swaps it), one call per group.
-    Above ``tile`` px (longer side) each view of each image is restored tile by tile.
-    """
-    h, w = x.shape[-2:]
-    if sh.tile and max(h, w) > sh.tile:
-        return torch.stack([torch.stack([a.inverse(sh.restore_tiled(a.forward(img))) for a in sh.augs])
-                            for img in x])
-    if h == w:
-        return restore_augmented(sh.restore, x, sh.augs)
-    views: list[torch.Tensor | None] = [None] * len(sh.augs)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, a in enumerate(sh.augs):
-        by_shape.setdefault(tuple(a.forward(x[:1, :1]).shape[-2:]), []).append(i)
-    b = x.shape[0]
-    for members in by_shape.values():  # the views of one group share a shape: one call
-        out = sh.restore(torch.cat([sh.augs[i].forward(x) for i in members])).split(b)
-        for i, y in zip(members, out, strict=True):
-            views[i] = sh.augs[i].inverse(y)
-    return torch.stack(views, dim=1)  # type: ignore[arg-type]
-
-
 def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, pos: np.ndarray) -> pd.DataFrame:
     """Restore ``x`` under every augmentation, score labels and blocks, write store rows ``pos``.
 
     Returns the batch's ledger rows.
     """
     check_image(x, "x", channels=3, value_range=(0.0, 1.0))
-    pls = with_mean_label(restore_views(sh, x), len(sh.names)).clamp_(0, 1)
+    views = restore_views(sh.restore, x, sh.augs, sh.tile, sh.restore_tiled)
+    pls = with_mean_label(views, len(sh.names)).clamp_(0, 1)
     nonfinite = ~torch.isfinite(pls).flatten(2).all(2).flatten()  # (B*K,): a NaN/inf teacher output
     q = pls.nan_to_num_(0.0).mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
     flat = q.flatten(0, 1).float().div_(255.0)

@@ -18,6 +18,7 @@ the results folder (:data:`LABEL_STORE`), so a results folder can move.
     <root>/round_<r>/ledger/shard_<k>.parquet      the score ledger
     <root>/round_<r>/{gate,bank,losses}.parquet, student.pt, teacher.pt
     <root>/round_<r>/input_labels.parquet          input scores, with train.input_labels (not a rule output)
+    <root>/round_<r>/headroom.parquet              its teacher's labels of the test images vs ground truth
     <root>/eval/{metrics.parquet,summary.md,plots/}
     <root>/logs/
 """
@@ -160,6 +161,10 @@ class Layout:
 
     def losses(self, r: Index) -> Path:
         return self.round_dir(r) / "losses.parquet"
+
+    def headroom(self, r: Index) -> Path:
+        """The headroom table of round r: the PSNR of its teacher's pseudo-labels of the test images."""
+        return self.round_dir(r) / "headroom.parquet"
 
     def input_labels(self, r: Index) -> Path:
         return input_labels_beside(self.student(r))

@@ -27,7 +27,9 @@ from qtlib.evaluate import (
     plan_runs,
     summarize,
 )
+from qtlib.headroom_table import headroom_schema
 from qtlib.imageio import write_image
+from qtlib.ledger import write_table
 from qtlib.models import EMA, Checkpoint, build_model, save_checkpoint
 
 PANEL = ("brisque", "niqe", "piqe")  # NIQE needs 96 px images
@@ -60,11 +62,23 @@ def write_test_set(root: Path) -> Path:
     return root / "test"
 
 
+def write_headroom(path: Path, r: int) -> Path:
+    """A hand-made headroom table of round r: two images, one view (hflip), the teacher at 20 + r dB."""
+    frame = pd.DataFrame({
+        "image_id": ["a", "b"], "round": r, "teacher_hash": "0" * 16, "psnr_plain": [20.0 + r, 20.0 + r],
+        "psnr_hflip": [21.0 + r, 19.0 + r], "psnr_mean": [20.5 + r, 20.5 + r], "psnr_s_first": [19.0 + r] * 2,
+        "s_first": "hflip", "psnr_gt_best": [21.0 + r, 19.0 + r], "gt_best": "hflip", "S_hflip": 5.0,
+        "S_mean": 4.0, "psnr_vs_input_plain": 25.0, "psnr_vs_input_hflip": [45.0, 25.0], "psnr_vs_input_mean": 30.0,
+    })
+    return write_table(frame, path, headroom_schema(("hflip",), ("hflip",)))
+
+
 def write_rounds(root: Path) -> dict[str, list[Path]]:
-    """Minimal ledger, gate and bank tables of two rounds (the columns the plots read)."""
+    """Minimal ledger, gate, bank and headroom tables of two rounds (the columns the plots and summary read)."""
     root.mkdir(parents=True, exist_ok=True)
-    out: dict[str, list[Path]] = {"ledgers": [], "gates": [], "banks": []}
+    out: dict[str, list[Path]] = {"ledgers": [], "gates": [], "banks": [], "headrooms": []}
     for r in range(2):
+        out["headrooms"].append(write_headroom(root / f"headroom_{r}.parquet", r))
         ledger = pd.DataFrame({"image_id": ["a", "b", "c"], "augmentation": "hflip", "status": "ok",
                                "teacher_hash": "0" * 16, "round": r, "S": [3.0 + r, 5.0, 7.5]})
         gate = pd.DataFrame({"image_id": ["a", "b", "c"], "round": r, "decision": ["kept", "kept", "dropped"]})
@@ -157,6 +171,13 @@ def test_summary_and_plots(run: tuple[EvalResult, dict]) -> None:
     for header in ("dPSNR vs pretrained", "dSSIM vs pretrained", "dBRISQUE vs pretrained", "Spearman(level, mean)"):
         assert header in text
     assert "The student beats the pretrained model in PSNR at" in text
+    # the headroom section comes last, after the unchanged sections, one table per round
+    head, _, section = text.partition("## Headroom of the pseudo-labels (per round)")
+    assert "## Controllability of the student" in head and "Headroom" not in head
+    assert "Teacher PSNR per round (its plain output): round 0: 20.00 dB, round 1: 21.00 dB." in section
+    assert "### Round 0 (2 images)" in section and "### Round 1 (2 images)" in section
+    assert "| hflip | 20.00 | +0.000 | 50% | 50% | 100% |" in section
+    assert "| mean | 21.50 | +0.500 | 100% | 0% |  |" in section  # round 1; the mean is no label here
     control = result.controllability.set_index("metric")
     assert list(control.index) == [*PANEL, "psnr", "ssim"]
     assert control["Spearman(level, mean)"].between(-1, 1).all() and (control["levels"] == len(LEVELS)).all()

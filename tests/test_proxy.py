@@ -18,6 +18,9 @@ if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not p
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.proxy import run as proxy
+from qtlib.headroom_table import headroom_schema
+from qtlib.layout import Layout
+from qtlib.ledger import write_table
 
 PROXY = ROOT / "config" / "proxy.yaml"
 
@@ -165,6 +168,20 @@ def test_parse_jobs_times_each_rule() -> None:
     assert times == {"pretrain": {"jobs": 1, "seconds": 15.0}, "label": {"jobs": 1, "seconds": 21.0}}
 
 
+def _write_headroom(folder: Path, rounds: int, offset: float) -> None:
+    """Hand-made round_{r}/headroom.parquet: two images, views hflip + rot90; the teacher at 24 + r + offset dB."""
+    schema = headroom_schema(("hflip", "rot90"), ("hflip", "rot90"))
+    for r in range(rounds):
+        plain = 24.0 + r + offset
+        frame = pd.DataFrame({
+            "image_id": ["x", "y"], "round": r, "teacher_hash": "0" * 16, "psnr_plain": plain,
+            "psnr_hflip": [plain + 0.2, plain - 0.1], "psnr_rot90": plain - 5.0, "psnr_mean": plain + 0.1,
+            "psnr_s_first": plain - 5.0, "s_first": "rot90", "psnr_gt_best": [plain + 0.2, plain],
+            "gt_best": "hflip", "S_hflip": 5.0, "S_rot90": 6.0, "S_mean": 5.5, "psnr_vs_input_plain": 25.0,
+            "psnr_vs_input_hflip": 25.0, "psnr_vs_input_rot90": 45.0, "psnr_vs_input_mean": 30.0})
+        write_table(frame, Layout(folder).headroom(r), schema)
+
+
 def test_collect_from_folders_aggregates_seeds_and_skips_missing_pretrained(
         spec: proxy.ProxySpec, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     plan = proxy.build_plan(spec, rows=["pretrained", "plain_mt", "e"], seeds=[0, 1], out=tmp_path)
@@ -173,6 +190,7 @@ def test_collect_from_folders_aggregates_seeds_and_skips_missing_pretrained(
         metrics.loc[metrics["method"] == "student", "psnr"] += run.seed + (1.0 if run.row == "e" else 0.0)
         (run.folder / "eval").mkdir(parents=True)
         metrics.to_parquet(run.folder / "eval/metrics.parquet")
+        _write_headroom(run.folder, rounds=3, offset=run.seed)
     with caplog.at_level("WARNING", logger="proxy"):
         table = proxy.write_tables(plan, spec).set_index("row")
     assert list(table.index) == ["pretrained", "plain_mt", "e"]
@@ -182,7 +200,17 @@ def test_collect_from_folders_aggregates_seeds_and_skips_missing_pretrained(
     assert table.loc["e", "dpsnr_mean"] == pytest.approx(5.25)  # seed 0 only: seed 1 has no pretrained
     assert math.isnan(table.loc["plain_mt", "spearman_mean"]) and table.loc["e", "spearman_mean"] == 1.0
     md = (plan.out / "table.md").read_text()
-    assert "| e | (e) + dual drop = QualiTeacher | 2 | 28.75 ± 0.71 | 5.25 |" in md
+    assert "| e | (e) + dual drop = QualiTeacher | 2 | 28.75 ± 0.71 | 5.25 | +5.25, n/a |" in md
+    # teacher per round: the headroom's plain, 24 + r + seed, means over seeds 0 and 1; then the final teacher
+    assert "| 24.50 → 25.50 → 26.50 → 24.00 |" in md and "per seed dPSNR" in md
+    headroom = pd.read_parquet(plan.out / "headroom.parquet")
+    assert len(headroom) == 2 * 2 * 3 * 6  # (plain_mt, e) x 2 seeds x 3 rounds x 6 columns
+    assert list(headroom.columns[:4]) == ["row", "seed", "round", "column"]
+    rot90 = headroom[(headroom["column"] == "rot90")]
+    assert (rot90["d_vs_plain"] == -5.0).all() and (rot90["share_unrestored"] == 1.0).all()
+    hmd = (plan.out / "headroom.md").read_text()
+    assert "| e | 0 | 2 | 24.50 ± 0.71 | +0.05 ± 0.00 (50%) | -5.00 ± 0.00 (0%) |" in hmd
+    assert "| e | 2 | 2 | 26.50 ± 0.71 |" in hmd and "| e | 1 |" not in hmd  # round 0 and the last round
     assert (plan.out / "controllability.png").stat().st_size > 1000
     assert len(pd.read_parquet(plan.out / "per_seed.parquet")) == 5
 

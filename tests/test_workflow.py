@@ -85,6 +85,8 @@ def test_tiny_dag_produces_every_artifact(run: Path) -> None:
             assert (res / f"round_{r}/ledger/shard_{k}.parquet").is_file()
         for name in ("gate.parquet", "bank.parquet", "student.pt", "teacher.pt", "losses.parquet"):
             assert (res / f"round_{r}/{name}").is_file(), name
+        headroom = pd.read_parquet(res / f"round_{r}/headroom.parquet")  # the teacher of round r on the test set
+        assert len(headroom) == 2 and (headroom["round"] == r).all() and headroom["psnr_plain"].notna().all()
     assert (res / "pretrain/model.pt").is_file()
     ledger = qtlib.ledger.load(res)
     assert sorted(ledger["round"].unique()) == [0, 1] and len(ledger) == 2 * 4 * 3
@@ -96,6 +98,7 @@ def test_tiny_dag_produces_every_artifact(run: Path) -> None:
     for plot in ("controllability", "round_histograms", "drop_rates", "bank_mean_S", "examples"):
         assert (res / f"eval/plots/{plot}.png").stat().st_size > 1000
     assert "| method |" in (res / "eval/summary.md").read_text()
+    assert "### Round 1 (2 images)" in (res / "eval/summary.md").read_text().split("## Headroom")[1]
     snakemake(run, "--report", "results/report.html")
     assert (res / "report.html").stat().st_size > 10_000
 
@@ -129,7 +132,8 @@ def test_editing_gate_reruns_exactly_gate_and_what_follows(run: Path, tmp_path: 
     edited = {**TINY, "gate": {"quantile": 0.8}}
     write_config(work, edited)
     dry = snakemake(work, "-n", "--resources", "gpu=2")
-    assert planned_jobs(dry.stdout) == {"all": 1, "gate": 2, "train": 2, "label": 2, "evaluate": 1}
+    # round 1's headroom: its teacher is round 0's, retrained
+    assert planned_jobs(dry.stdout) == {"all": 1, "gate": 2, "train": 2, "label": 2, "headroom": 1, "evaluate": 1}
     # ... and the labels of round 0 are not among them:
     assert "round_0/labels" not in "".join(l for l in dry.stdout.splitlines() if l.strip().startswith("output:"))
 
@@ -142,6 +146,14 @@ def test_editing_evaluation_reruns_only_evaluation(run: Path, tmp_path: Path) ->
     assert planned_jobs(snakemake(work, "-n").stdout) == {"all": 1, "evaluate": 1}
     write_config(work, TINY)
     assert "Nothing to be done" in snakemake(work, "-n").stdout
+
+
+def test_headroom_is_scheduled_per_round_unless_switched_off(tmp_path: Path) -> None:
+    write_config(tmp_path, TINY)
+    assert planned_jobs(snakemake(tmp_path, "-n").stdout)["headroom"] == TINY["rounds"]
+    write_config(tmp_path, {**TINY, "evaluate": {**TINY["evaluate"], "headroom": False}})
+    jobs = planned_jobs(snakemake(tmp_path, "-n").stdout)
+    assert "headroom" not in jobs and jobs["evaluate"] == 1
 
 
 def test_slurm_profile_dry_run(tmp_path: Path) -> None:

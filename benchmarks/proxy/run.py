@@ -18,7 +18,9 @@ Run from the repository root::
 Writes ``<out>/<task>/<row>/seed_<s>/`` (a results folder each, with its
 ``config.yaml``, ``snakemake.log`` and ``proxy_run.json``), then
 ``<out>/<task>/table.parquet`` (one row per benchmark row: mean and std over
-seeds), ``per_seed.parquet``, ``table.md``, ``controllability.png`` and
+seeds), ``per_seed.parquet``, ``table.md``, ``controllability.png``,
+``headroom.parquet`` and ``headroom.md`` (every run's ``round_*/headroom.parquet``:
+what its pseudo-labels could give over the teacher's plain output) and
 ``run.json`` (command, machine, wall time per run and in total, git commit).
 
 Data and pretraining depend only on the seed (the proxy file's ``shared.keys``),
@@ -54,6 +56,9 @@ import pandas as pd
 import yaml
 
 from qtlib.config import deep_merge, load_config, to_dict
+from qtlib.headroom_table import PLAIN, read_headroom
+from qtlib.headroom_table import summarize as summarize_headroom
+from qtlib.layout import Layout
 
 log = logging.getLogger("proxy")
 
@@ -661,8 +666,82 @@ def aggregate(per_seed: pd.DataFrame, spec: ProxySpec) -> pd.DataFrame:
         for c in values:
             rec[f"{c}_mean"] = float(group[c].mean()) if group[c].notna().any() else math.nan
             rec[f"{c}_std"] = float(group[c].std(ddof=1)) if group[c].notna().sum() > 1 else math.nan
+        rec["dpsnr_per_seed"] = ", ".join("n/a" if math.isnan(v) else f"{v:+.2f}" for v in group["dpsnr"])
         out.append(rec)
     return pd.DataFrame.from_records(out)
+
+
+# --------------------------------------------------------------------------- the headroom of the labels
+
+#: per_seed column of the teacher's plain PSNR in round r (the headroom table's ``plain``)
+TEACHER_ROUND = "teacher_psnr_round_{r}"
+HEADROOM_KEYS = ("row", "seed")
+
+
+def headroom_paths(folder: Path) -> list[Path]:
+    """A run's ``round_{r}/headroom.parquet`` for r = 0, 1, ... while they exist."""
+    layout, paths = Layout(folder), []
+    while layout.headroom(len(paths)).is_file():
+        paths.append(layout.headroom(len(paths)))
+    return paths
+
+
+def collect_headroom(plan: Plan) -> pd.DataFrame:
+    """Every trained run's headroom summary: one row per (row, seed, round, column), see
+    :func:`qtlib.headroom_table.summarize_round` (mean PSNR, d vs plain, shares better / unrestored / S first)."""
+    parts = []
+    for run in (r for r in plan.runs if r.row in plan.rows):
+        paths = headroom_paths(run.folder)
+        if not paths:
+            log.info("%s/seed_%d: no round_*/headroom.parquet, left out of the headroom table", run.row, run.seed)
+            continue
+        summary = summarize_headroom(read_headroom(paths))
+        parts.append(summary.assign(row=run.row, seed=run.seed))
+    if not parts:
+        return pd.DataFrame()
+    frame = pd.concat(parts, ignore_index=True)
+    return frame[[*HEADROOM_KEYS, *[c for c in frame.columns if c not in HEADROOM_KEYS]]]
+
+
+def with_teacher_rounds(per_seed: pd.DataFrame, headroom: pd.DataFrame) -> pd.DataFrame:
+    """``per_seed`` with the teacher's plain PSNR of each round (:data:`TEACHER_ROUND`) from the headroom."""
+    if headroom.empty or per_seed.empty:
+        return per_seed
+    plain = headroom[headroom["column"] == PLAIN].pivot(index=list(HEADROOM_KEYS), columns="round", values="psnr")
+    plain.columns = [TEACHER_ROUND.format(r=int(r)) for r in plain.columns]
+    return per_seed.merge(plain.reset_index(), on=list(HEADROOM_KEYS), how="left")
+
+
+def _headroom_cell(values: pd.DataFrame, column: str) -> str:
+    """``d vs plain (share better)`` as mean ± std over seeds; the plain PSNR itself for ``plain``."""
+    v = values[values["column"] == column]
+    if v.empty:
+        return ""
+    if column == PLAIN:
+        return _cell(float(v["psnr"].mean()), float(v["psnr"].std(ddof=1)), 2)
+    share = float(v["share_better"].mean())
+    d = _cell(float(v["d_vs_plain"].mean()), float(v["d_vs_plain"].std(ddof=1)), 2)
+    return f"{'+' if not d.startswith('-') else ''}{d} ({100 * share:.0f}%)" if d else ""
+
+
+def headroom_markdown(headroom: pd.DataFrame, plan: Plan) -> str:
+    """The headroom table as Markdown: per row, its round 0 and its last round, mean ± std over seeds."""
+    labels = [c for c in dict.fromkeys(headroom["column"]) if c != PLAIN]
+    head = ["row", "round", "n seeds", "plain PSNR", *labels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, group in headroom.groupby("row", sort=False):
+        for r in sorted({int(group["round"].min()), int(group["round"].max())}):
+            at = group[group["round"] == r]
+            cells = [row, str(r), str(at["seed"].nunique()), *[_headroom_cell(at, c) for c in (PLAIN, *labels)]]
+            lines.append("| " + " | ".join(cells) + " |")
+    intro = (f"# Headroom of the pseudo-labels: {plan.task} (scale {plan.scale})\n\n"
+             "Per row, the round-0 and last-round teacher (the teacher that labels the round) on the test images: "
+             "`plain` is the PSNR of its output on the image itself; every other cell is the label's PSNR minus "
+             "plain (dB) with the share of images where it beats plain, mean ± std over seeds. `mean` is the "
+             "pixel mean of the views, `s_first` the label the ensemble S ranks first, `gt_best` the best label "
+             "by ground truth. Per-image tables: `<row>/seed_<s>/round_<r>/headroom.parquet`; all numbers: "
+             "`headroom.parquet` here.\n\n")
+    return intro + "\n".join(lines) + "\n"
 
 
 def _cell(mean: float, std: float, digits: int) -> str:
@@ -674,6 +753,15 @@ def _cell(mean: float, std: float, digits: int) -> str:
 def _stat(row: pd.Series, name: str, digits: int) -> str:
     """``mean ± std`` of ``name`` in one aggregated row."""
     return _cell(row.get(f"{name}_mean", math.nan), row.get(f"{name}_std", math.nan), digits)
+
+
+def _teacher_rounds(row: pd.Series) -> str:
+    """The teacher's mean PSNR per round (the headroom tables' plain), then the final teacher's, joined by →."""
+    rounds = sorted((int(m.group(1)), c) for c in row.index
+                    if (m := re.fullmatch(TEACHER_ROUND.format(r=r"(\d+)") + "_mean", c)))
+    values = [row[c] for _, c in rounds] + [row.get("teacher_psnr_mean", math.nan)]
+    finite = [f"{v:.2f}" for v in values if isinstance(v, float) and not math.isnan(v)]
+    return " → ".join(finite) if len(finite) > 1 else ""
 
 
 def _direction(metric: str) -> str:
@@ -693,13 +781,14 @@ def to_markdown(table: pd.DataFrame, plan: Plan, spec: ProxySpec) -> str:
     nr = [c[: -len("_mean")] for c in table.columns
           if c.endswith("_mean") and c[: -len("_mean")] not in ("psnr", "ssim", "dpsnr", "spearman", "curve_range")
           and not c.startswith(("teacher_", "psnr_level_"))]
-    head = ["row", "what", "n seeds", "PSNR ↑", f"dPSNR vs {spec.delta_vs}", "SSIM ↑",
-            *[f"{m.upper()}{_direction(m)}" for m in nr], "Spearman(level, PSNR)", "teacher PSNR"]
+    head = ["row", "what", "n seeds", "PSNR ↑", f"dPSNR vs {spec.delta_vs}", "per seed dPSNR", "SSIM ↑",
+            *[f"{m.upper()}{_direction(m)}" for m in nr], "Spearman(level, PSNR)", "teacher PSNR",
+            "teacher PSNR per round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cells = [r["row"], r["label"], str(r["n_seeds"]), _stat(r, "psnr", 2), _stat(r, "dpsnr", 2),
-                 _stat(r, "ssim", 3), *[_stat(r, m, 2) for m in nr], _stat(r, "spearman", 2),
-                 _stat(r, "teacher_psnr", 2)]
+                 str(r.get("dpsnr_per_seed", "")), _stat(r, "ssim", 3), *[_stat(r, m, 2) for m in nr],
+                 _stat(r, "spearman", 2), _stat(r, "teacher_psnr", 2), _teacher_rounds(r)]
         lines.append("| " + " | ".join(cells) + " |")
     n_images = int(table["n_images"].max()) if len(table) else 0
     intro = (f"# Proxy benchmark: {plan.task} (scale {plan.scale})\n\n"
@@ -707,7 +796,9 @@ def to_markdown(table: pd.DataFrame, plan: Plan, spec: ProxySpec) -> str:
              "Each trained row reports its final student at the top condition level (the unconditioned "
              f"student where there are no levels); mean ± std over seeds. dPSNR is the student minus the "
              f"{spec.delta_vs} model of the same run (so paired by seed). Spearman(level, PSNR) is over the "
-             "condition levels, for rows trained with a score condition. teacher PSNR: the final EMA teacher.\n\n")
+             "condition levels, for rows trained with a score condition. teacher PSNR: the final EMA teacher; "
+             "per round: the teacher that labels round 0, 1, ... (its plain output in the headroom tables), then "
+             "the final one, means over seeds.\n\n")
     return intro + "\n".join(lines) + "\n"
 
 
@@ -740,9 +831,14 @@ def plot_controllability(per_seed: pd.DataFrame, table: pd.DataFrame, path: Path
 
 
 def write_tables(plan: Plan, spec: ProxySpec) -> pd.DataFrame:
-    """Collect, aggregate and write table.parquet, per_seed.parquet, table.md and controllability.png."""
-    per_seed = collect(plan, spec)
+    """Collect, aggregate and write table.parquet, per_seed.parquet, table.md, controllability.png and, where
+    the runs have headroom tables, headroom.parquet and headroom.md."""
+    headroom = collect_headroom(plan)
+    per_seed = with_teacher_rounds(collect(plan, spec), headroom)
     plan.out.mkdir(parents=True, exist_ok=True)
+    if not headroom.empty:
+        headroom.to_parquet(plan.out / "headroom.parquet", index=False)
+        (plan.out / "headroom.md").write_text(headroom_markdown(headroom, plan), encoding="utf-8")
     if per_seed.empty:
         log.warning("nothing to collect under %s", plan.out)
         return per_seed

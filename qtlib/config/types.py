@@ -271,6 +271,7 @@ class EvaluateConfig:
     n_examples: int = 4
     tile: int = 1024
     tile_overlap: int = 32
+    headroom: bool = True
 
 
 @dataclass(frozen=True)

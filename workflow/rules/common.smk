@@ -67,6 +67,11 @@ def stores_upto(wildcards):
     return [str(L.label_store(q, k)) for q in range(int(wildcards.r) + 1) for k in range(K)]
 
 
+def headrooms():
+    """Every round's headroom table, with evaluate.headroom (a test set with ground truth); else none."""
+    return [str(L.headroom(r)) for r in range(R)] if CFG.evaluate.headroom else []
+
+
 def final_outputs():
     outs = [str(p) for r in range(R) for p in (L.bank(r), L.teacher(r), L.student(r))]
     return outs + [str(L.metrics), str(L.summary)]

@@ -1,5 +1,5 @@
 # Evaluation on the test set: degraded input, pretrained model (the reference), final EMA teacher,
-# final student (student weights) at every condition level.
+# final student (student weights) at every condition level; the rounds' headroom tables into summary.md.
 
 
 rule evaluate:
@@ -12,6 +12,7 @@ rule evaluate:
         ledgers=[str(L.ledger(r, k)) for r in range(R) for k in range(K)],
         gates=[str(L.gate(r)) for r in range(R)],
         banks=[str(L.bank(r)) for r in range(R)],
+        headrooms=headrooms(),  # with evaluate.headroom: a last section of summary.md
     output:
         metrics=report(str(L.metrics), category="Evaluation", labels={"table": "all scores"}),
         summary=report(str(L.summary), category="Evaluation", labels={"table": "summary"}),
