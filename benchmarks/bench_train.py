@@ -12,11 +12,12 @@ On a GPU, the paper's backbone and patch size, fp32 and bf16:
     python benchmarks/bench_train.py --device cuda --backbone nafnet --batch 8 --patch 256 --precision both
 Target (issue "Training"): full / plain_mt <= 3x (the authors' code needs about 7 student passes per image).
 
-The full step runs the student on 2B + (samples below the top level) images at the
-patch size and B at half of it: 3.25 plain passes in the worst case (--at-top 0),
-2.25 when every condition is at the top; plus two reward calls (BRISQUE, 2B images
-each). On a GPU the stacked passes cost less than their count; on this 2-core CPU
-they cost slightly more (a 12-image batch is ~20% slower than three of 4: cache).
+The full step runs the student on B images at the patch size, 2B at the reward window
+(``--window``, default 192 px: y_h and y_l share one encoder pass) and B crops of half the
+window; with a 96 px patch that is 1 + 2 x 4 + 1 = 10 patch-sized passes' worth of pixels
+(before the window, 3.25). Then three reward calls: y_h and y_l (2B windows, with gradient),
+the reference label (B windows, no gradient) and the crops (2B). ``--at-top`` no longer changes
+the passes (y_h is always restored from the window); both cases are kept for the records.
 """
 
 from __future__ import annotations
@@ -47,34 +48,43 @@ ENSEMBLES = {
 }
 
 
-def natural_batch(b: int, p: int, seed: int, at_top: int = 0) -> Batch:
-    """b noisy/clean crops; the first ``at_top`` samples are conditioned at the top level, the rest below it."""
+def natural_batch(b: int, p: int, seed: int, at_top: int = 0, window: int = 192) -> Batch:
+    """b noisy/clean crops and ``window`` px reward windows (noisy input, clean reference label); the first
+    ``at_top`` samples are conditioned at the top level, the rest below it."""
     from skimage import data
 
     rng = np.random.default_rng(seed)
     if p >= 300:
         raise SystemExit(f"--patch {p}: the smallest sample photo (chelsea) is 300 px high")
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    xs = []
-    for i in range(b):
-        ph = photos[i % len(photos)]
-        y, x = rng.integers(0, ph.shape[0] - p), rng.integers(0, ph.shape[1] - p)
-        xs.append(torch.from_numpy(ph[y:y + p, x:x + p].copy()).permute(2, 0, 1).float() / 255)
-    clean = torch.stack(xs)
-    noisy = (clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))).clamp(0, 1)
-    crop = crop_side(p, 0.5)
+    g = torch.Generator().manual_seed(seed)
+
+    def crops(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = []
+        for i in range(b):
+            ph = photos[i % len(photos)]
+            y, x = rng.integers(0, ph.shape[0] - side), rng.integers(0, ph.shape[1] - side)
+            xs.append(torch.from_numpy(ph[y:y + side, x:x + side].copy()).permute(2, 0, 1).float() / 255)
+        clean = torch.stack(xs)
+        return (clean + 0.05 * torch.randn(clean.shape, generator=g)).clamp(0, 1), clean
+
+    noisy, clean = crops(p)
+    win_noisy, win_clean = crops(window)
+    crop = crop_side(window, 0.5)
     # a condition below the top level needs its own y_h pass; at the top, y doubles as y_h
     cond = torch.tensor([3.0, 5.0, 6.5, 4.5] * (b // 4 + 1))[:b]
     cond[:at_top] = 7.5
-    return Batch(x=noisy, target=clean, weight=torch.ones(b, 1, p, p), cond=cond, s_poor=torch.full((b,), 3.0),
+    return Batch(x=noisy, target=clean, weight=torch.ones(b, 1, p, p), cond=cond,
                  low=torch.tensor([4.0, 5.0, 6.0] * (b // 3 + 1))[:b],
-                 crop_yx=torch.from_numpy(rng.integers(0, p - crop + 1, (b, 2))))
+                 crop_yx=torch.from_numpy(rng.integers(0, window - crop + 1, (b, 2))),
+                 window=win_noisy, ref=win_clean)
 
 
 def make_step(method: str, iqa: IQAConfig, args: argparse.Namespace, bf16: bool):
     """A closure running one training step (+ EMA update) of ``method`` on a batch."""
     torch.manual_seed(0)
-    tc = TrainConfig(method=method, batch_size=args.batch, patch_size=args.patch, losses=Losses())
+    tc = TrainConfig(method=method, batch_size=args.batch, patch_size=args.patch, reward_window=args.window,
+                     losses=Losses())
     per = resolve_perceptual(tc.losses.per.kind, args.patch)
     mc = ModelConfig(backbone=args.backbone, unet=UNetConfig(width=args.width, depth=args.depth),
                      nafnet=NAFNetConfig())  # NAFNet: the paper's width-32 model
@@ -103,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--window", type=int, default=192, help="train.reward_window: y_h, y_l and the rewards")
     parser.add_argument("--backbone", choices=["unet", "nafnet"], default="unet")
     parser.add_argument("--width", type=int, default=16, help="U-Net width")
     parser.add_argument("--depth", type=int, default=3, help="U-Net depth")
@@ -157,7 +168,7 @@ def measure(steps: dict, args: argparse.Namespace, at_top: int) -> tuple[dict[st
     """Median wall and CPU seconds per step of each method, interleaved over the same batches."""
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in steps}
     for i in range(args.warmup + args.steps):
-        batch = natural_batch(args.batch, args.patch, i, at_top)
+        batch = natural_batch(args.batch, args.patch, i, at_top, args.window)
         for m, (step, _) in steps.items():  # interleaved, so background load hits both alike
             t = step(batch)
             if i >= args.warmup:

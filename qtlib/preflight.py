@@ -11,7 +11,6 @@ the key instead of after pretraining with a traceback:
   ``qt prepare`` looks for them;
 - patch sizes fit the prepared images; blocks, patches and crops are large
   enough for the metrics that score them;
-- a test set without ground truth is not asked for the headroom table (``evaluate.headroom``);
 - label shards do not outnumber the unlabeled images; every enabled loss term
   starts inside the iteration budget.
 
@@ -128,9 +127,6 @@ def _path_problems(cfg: Config, base: Path) -> Iterator[str]:
             if not where.is_dir():
                 if required:
                     yield f"data.{key}: {given} has no {sub}/ folder"
-                elif key == "test" and cfg.evaluate.headroom:
-                    yield (f"evaluate.headroom: data.test {given} has no {sub}/ folder (no ground truth), and the "
-                           "headroom table scores the pseudo-labels against it; set evaluate.headroom: false")
             elif not _has_image(where):
                 yield f"data.{key}: {shown} holds no image files ({', '.join(_extensions())}, searched recursively)"
 

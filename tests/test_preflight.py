@@ -114,12 +114,9 @@ def test_exception_data_paths_name_the_key(tmp_path: Path) -> None:
     assert "data.test: test: no paired layout found; expected one of degraded/ + clean/, input/ + target/" in _fails(
         _with(data={"test": "test"}), tmp_path)
     _images(tmp_path / "aliased" / "lq", 1)  # a test set in another accepted layout, without ground truth
-    assert "evaluate.headroom: data.test aliased has no gt/ folder (no ground truth)" in _fails(
-        _with(data={"test": "aliased"}), tmp_path)
-    preflight(_with(data={"test": "aliased"}, evaluate={"headroom": False}), SOURCE, tmp_path)
+    preflight(_with(data={"test": "aliased"}), SOURCE, tmp_path)
     _images(tmp_path / "aliased" / "input", 1)
-    assert "data.test: aliased: several paired layouts at once" in _fails(
-        _with(data={"test": "aliased"}, evaluate={"headroom": False}), tmp_path)
+    assert "data.test: aliased: several paired layouts at once" in _fails(_with(data={"test": "aliased"}), tmp_path)
 
 
 def test_user_data_counts_against_the_shards(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not p
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.proxy import run as proxy
+from qtlib.config import load_config
 from qtlib.headroom_table import headroom_schema
 from qtlib.layout import Layout
 from qtlib.ledger import write_table
@@ -36,58 +37,70 @@ def _get(config: dict, dotted: str):
     return config
 
 
+SIX = ("pretrained", "sup_only", "sup_aug", "plain_mt", "filter_mt", "qualiteacher")
+
+
+def test_the_six_rows_change_only_the_method(spec: proxy.ProxySpec) -> None:
+    """qualiteacher is config/config.yaml as shipped; the baselines change train.method and what it must
+    switch off; sup_aug is sup_only plus the strong view on the pairs."""
+    assert spec.tasks["rain"].rows[:6] == SIX
+    assert spec.rows["pretrained"].reference == "pretrained"
+    assert spec.rows["qualiteacher"].overrides == {}
+    assert spec.rows["plain_mt"].overrides == {"train": {"method": "plain_mt"}}
+    assert spec.rows["filter_mt"].overrides == {"train": {"method": "filter_mt"}}
+    sup = {"train": {"method": "plain_mt", "losses": {"rec": {"weight": 0.0}, "per": {"weight": 0.0}}}}
+    assert spec.rows["sup_only"].overrides == sup
+    assert spec.rows["sup_aug"].overrides == {"train": {"method": "plain_mt", "losses": {
+        "rec": {"weight": 0.0}, "per": {"weight": 0.0}, "sup": {"strong_view": True}}}}
+    for row in SIX:
+        assert spec.rows[row].seeds == (0, 1, 2), row
+
+
 def test_table2_rows_accumulate_through_extends(spec: proxy.ProxySpec) -> None:
     switches = ("train.score_condition", "train.preference", "train.cropped", "gate.enabled")
     expected = {"a": (False, False, False, False), "b": (True, False, False, False), "c": (True, True, False, False),
                 "d": (True, True, True, False), "e": (True, True, True, True)}
     for row, values in expected.items():
         assert tuple(_get(spec.rows[row].overrides, k) for k in switches) == values, row
-    # the rows of the first table pin the model they were run with (the earlier default)
-    assert spec.rows["plain_mt"].overrides == {"train": {"method": "plain_mt"},
-                                               "model": {"conditioning": {"injection": ["bottleneck"], "bands": 6}}}
-    assert spec.rows["e"].overrides["model"] == spec.rows["plain_mt"].overrides["model"]
-    assert spec.rows["pretrained"].reference == "pretrained"
 
 
-def test_default_rain_plan(spec: proxy.ProxySpec, tmp_path: Path) -> None:
+def test_default_rain_plan_gives_every_row_one_budget(spec: proxy.ProxySpec, tmp_path: Path) -> None:
     plan = proxy.build_plan(spec, out=tmp_path)
     assert plan.task == "rain" and plan.scale == "cpu"
-    seeds = {}
-    for run in plan.runs:
-        seeds.setdefault(run.row, []).append(run.seed)
-    main = {"plain_mt": [0, 1, 2], "filter_mt": [0, 1, 2], "e": [0, 1, 2], "a": [0], "b": [0], "c": [0], "d": [0]}
-    assert {r: seeds[r] for r in main} == main
-    investigated = set(seeds) - set(main)  # the settings of docs/results.md, 1 to 3 seeds each
-    assert investigated and all(1 <= len(seeds[r]) <= 3 for r in investigated)
     assert [(r.row, r.seed) for r in plan.references] == [("pretrained", s) for s in (0, 1, 2)]
-    assert plan.runs[0].row == "plain_mt" and plan.runs[0].seed == 0  # the host of seed 0 runs first
+    assert {(r.row, r.seed) for r in plan.runs} == {(row, s) for row in SIX[1:] for s in (0, 1, 2)}
+    assert plan.runs[0].row == "sup_only" and plan.runs[0].seed == 0  # the host of seed 0 runs first
+    configs = {}
     for run in plan.runs:
         assert run.folder == tmp_path.resolve() / "rain" / run.row / f"seed_{run.seed}"
         assert run.config["results_dir"] == str(run.folder) and run.config["seed"] == run.seed
         assert run.config["device"] == "cpu" and run.config["demo"]["task"] == "rain"
-        assert run.conditioned == (run.row in ("b", "c", "d") or run.row.startswith("e"))
-    # the rows of a seed share data + pretraining, except those that change the model (its own pretraining)
-    model_of = {(r.row, r.seed): r.config["model"] for r in plan.runs}
-    same_model = [r for r in plan.runs if model_of[r.row, r.seed] == model_of["plain_mt", r.seed]]
-    assert {r.row for r in same_model} >= {"plain_mt", "filter_mt", "a", "e", "e_inj"}
-    keys = {s: {r.shared_key for r in same_model if r.seed == s} for s in (0, 1, 2)}
-    assert all(len(k) == 1 for k in keys.values())
-    assert len(set.union(*keys.values())) == 3  # ... and seeds do not
+        assert run.conditioned == (run.row == "qualiteacher")
+        configs[run.row] = load_config(None, overrides=run.config)
+    # one step budget: the same steps per round and labeled pairs per step for every method
+    budgets = {row: (c.rounds, c.train.steps, c.train.batch_size, c.train.losses.sup.batch_size,
+                     c.train.losses.sup.weight > 0) for row, c in configs.items()}
+    assert len(set(budgets.values())) == 1 and next(iter(budgets.values()))[1] > 0, budgets
+    # the rows of a seed share data + pretraining; seeds do not
+    keys = {s: {r.shared_key for r in plan.runs if r.seed == s} for s in (0, 1, 2)}
+    assert all(len(k) == 1 for k in keys.values()) and len(set.union(*keys.values())) == 3
 
 
 def test_haze_negative_control(spec: proxy.ProxySpec, tmp_path: Path) -> None:
     plan = proxy.build_plan(spec, task="haze", out=tmp_path)
-    assert [(r.row, r.seed) for r in plan.runs] == [("plain_mt", 0), ("e", 0)]
+    assert [(r.row, r.seed) for r in plan.runs] == [("filter_mt", 0), ("qualiteacher", 0)]
     assert [r.row for r in plan.references] == ["pretrained"]
     assert {r.config["demo"]["target_recipe"] for r in plan.runs} == {"haze_target"}
 
 
 def test_rows_and_seeds_overrides_and_host(spec: proxy.ProxySpec, tmp_path: Path) -> None:
-    plan = proxy.build_plan(spec, scale="tiny", rows=["e", "plain_mt"], seeds=[5], out=tmp_path)
-    assert plan.rows == ("plain_mt", "e")  # the task's order
-    assert [(r.row, r.seed) for r in plan.runs] == [("plain_mt", 5), ("e", 5)]
+    """Any seed works: --seeds 7 plans new data and pretraining for that seed."""
+    plan = proxy.build_plan(spec, scale="tiny", rows=["qualiteacher", "plain_mt"], seeds=[7], out=tmp_path)
+    assert plan.rows == ("plain_mt", "qualiteacher")  # the task's order
+    assert [(r.row, r.seed) for r in plan.runs] == [("plain_mt", 7), ("qualiteacher", 7)]
+    assert "run, with data + pretrain" in proxy.describe_plan(plan, spec)
     alone = proxy.build_plan(spec, rows=["pretrained"], seeds=[4], out=tmp_path)
-    assert [(r.row, r.seed, r.host) for r in alone.runs] == [("plain_mt", 4, True)]
+    assert [(r.row, r.seed, r.host) for r in alone.runs] == [("sup_only", 4, True)]
 
 
 def test_a_new_row_is_data_only(tmp_path: Path) -> None:
@@ -112,7 +125,7 @@ def test_bad_proxy_files_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture
     raw["rows"]["a"]["overrides"]["train"]["lrr"] = 1.0
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(proxy.ProxyError, match="lrr"):  # the config schema checks the overrides
-        proxy.build_plan(proxy.load_proxy(path), out=tmp_path)
+        proxy.build_plan(proxy.load_proxy(path), rows=["a"], out=tmp_path)
     assert proxy.main(["--dry-run", "--rows", "nope"]) == 2
     assert "no row named 'nope'" in capsys.readouterr().err
 
@@ -217,28 +230,36 @@ def test_collect_from_folders_aggregates_seeds_and_skips_missing_pretrained(
 
 @pytest.mark.slow
 def test_tiny_benchmark_end_to_end_shares_pretraining(tmp_path: Path) -> None:
+    """A new seed (7) gets its own data and pretraining; every row trains the same steps on as many pairs."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "benchmarks.proxy.run", "--scale", "tiny", "--rows", "pretrained,plain_mt,e",
-           "--seeds", "0", "--out", str(out), "--cores", "2"]
+    cmd = [sys.executable, "-m", "benchmarks.proxy.run", "--scale", "tiny", "--rows",
+           "pretrained,sup_only,filter_mt,qualiteacher", "--seeds", "7", "--out", str(out), "--cores", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     task = out / "rain"
+    trained = ("sup_only", "filter_mt", "qualiteacher")
     table = pd.read_parquet(task / "table.parquet").set_index("row")
-    has_pretrained = (pd.read_parquet(task / "plain_mt/seed_0/eval/metrics.parquet")["method"] == "pretrained").any()
-    assert set(table.index) == {"plain_mt", "e"} | ({"pretrained"} if has_pretrained else set())
+    has_pretrained = (pd.read_parquet(task / "sup_only/seed_7/eval/metrics.parquet")["method"] == "pretrained").any()
+    assert set(table.index) == set(trained) | ({"pretrained"} if has_pretrained else set())
     assert np.isfinite(table["psnr_mean"]).all() and (table["n_seeds"] == 1).all()
-    assert "| plain_mt |" in (task / "table.md").read_text() and "| e |" in (task / "table.md").read_text()
+    md = (task / "table.md").read_text()
+    assert all(f"| {row} |" in md for row in trained)
     assert (task / "controllability.png").stat().st_size > 1000
     assert {(r["row"], r["status"]) for r in json.loads((task / "run.json").read_text())["runs"]} == {
-        ("plain_mt", "ok"), ("e", "ok")}
+        (row, "ok") for row in trained}
+    # one budget: every method made the same steps, each with one batch of labeled pairs
+    logs = {row: pd.read_parquet(task / row / "seed_7/round_0/losses.parquet") for row in trained}
+    assert len({len(log) for log in logs.values()}) == 1 and len(logs["sup_only"]) == 2
+    assert all(np.isfinite(log["sup"]).all() for log in logs.values())
+    assert np.isnan(logs["sup_only"]["rec"]).all() and np.isfinite(logs["filter_mt"]["rec"]).all()
 
-    # The second row started from the first one's data and pretraining, and did not redo them.
-    record = json.loads((task / "e/seed_0/proxy_run.json").read_text())
-    assert record["shared_from"] == str(task / "plain_mt/seed_0") and "pretrain" in record["copied"]
+    # The other rows started from the first one's data and pretraining, and did not redo them.
+    record = json.loads((task / "qualiteacher/seed_7/proxy_run.json").read_text())
+    assert record["shared_from"] == str(task / "sup_only/seed_7") and "pretrain" in record["copied"]
     assert record["shared_rules_rerun"] == [] and record["checkpoint_changed"] is False
-    assert "rule pretrain:" not in (task / "e/seed_0/snakemake.log").read_text()
-    assert "rule pretrain:" in (task / "plain_mt/seed_0/snakemake.log").read_text()
-    host, copy = task / "plain_mt/seed_0/pretrain/model.pt", task / "e/seed_0/pretrain/model.pt"
+    assert "rule pretrain:" not in (task / "qualiteacher/seed_7/snakemake.log").read_text()
+    assert "rule pretrain:" in (task / "sup_only/seed_7/snakemake.log").read_text()
+    host, copy = task / "sup_only/seed_7/pretrain/model.pt", task / "qualiteacher/seed_7/pretrain/model.pt"
     assert copy.stat().st_mtime_ns == host.stat().st_mtime_ns and copy.read_bytes() == host.read_bytes()
 
     # A second invocation finds both runs up to date and only rebuilds the table.

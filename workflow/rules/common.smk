@@ -1,7 +1,10 @@
 # Input functions, paths, config slices and wildcard constraints shared by all rules.
 # Every path comes from qtlib.layout.Layout: the one definition of the results layout.
 # CFG: the typed config, checked by the Snakefile before anything is included.
+from pathlib import Path
+
 from qtlib.config import canonical_json, config_from_dict
+from qtlib.data.prepare import paired_layout
 from qtlib.config.loader import to_dict
 from qtlib.layout import SPLITS, Layout
 
@@ -67,9 +70,20 @@ def stores_upto(wildcards):
     return [str(L.label_store(q, k)) for q in range(int(wildcards.r) + 1) for k in range(K)]
 
 
+def test_has_ground_truth():
+    """The test set has clean images: the demo's always; a user's folder when it has its clean/ folder."""
+    if uses_demo("test"):
+        return True
+    folder = Path(CFG.data.test)
+    try:
+        return (folder / paired_layout(folder)[1]).is_dir()
+    except (FileNotFoundError, ValueError):
+        return False  # the preflight check has reported it
+
+
 def headrooms():
-    """Every round's headroom table, with evaluate.headroom (a test set with ground truth); else none."""
-    return [str(L.headroom(r)) for r in range(R)] if CFG.evaluate.headroom else []
+    """Every round's headroom table, with evaluate.headroom and a test set with ground truth; else none."""
+    return [str(L.headroom(r)) for r in range(R)] if CFG.evaluate.headroom and test_has_ground_truth() else []
 
 
 def final_outputs():

@@ -13,6 +13,8 @@ rule label:
     log:
         str(L.log("round_{r}/label_{k}")),
     threads: 1
+    # before the headroom table when both wait for a GPU: the shards are on the rounds' critical path
+    priority: 1
     resources:
         gpu=1,
     script:
