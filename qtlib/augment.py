@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qtlib.config.types import MEAN_LABEL
 from qtlib.util.checks import check_shape
 
 Op = Callable[[torch.Tensor], torch.Tensor]
@@ -110,27 +111,30 @@ def restore_views(
     return torch.stack(views, dim=1)  # type: ignore[arg-type]
 
 
-def with_mean_label(views: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """The views of a batch, plus their pixel mean as one more label when ``n_labels`` asks for it.
+def pick_labels(views: torch.Tensor, view_names: Sequence[str], label_names: Sequence[str]) -> torch.Tensor:
+    """The pseudo-labels of a batch, in ``label_names`` order: each one a view, or ``mean``, their pixel mean.
 
     Label ensembling (``label.mean_label``): the mean of the inverse-mapped views is the
     teacher's self-ensemble, a label better than any single view when the views err
-    independently.
+    independently; with ``label.view_labels: false`` it is the image's only label.
 
     Args:
-        views: ``(B, K, C, H, W)`` labels in input coordinates (:func:`restore_augmented`).
-        n_labels: ``K`` (the views only) or ``K + 1`` (the views, then their mean).
+        views: ``(B, K, C, H, W)`` the views of ``view_names``, in input coordinates (:func:`restore_views`).
+        view_names: the K view names; label_names: the labels (``LabelConfig.label_names``).
 
     Returns:
-        ``(B, n_labels, C, H, W)``.
+        ``(B, len(label_names), C, H, W)``.
     """
-    check_shape(views, ["B", "K", "C", "H", "W"], "views")
-    k = views.shape[1]
-    if n_labels == k:
-        return views
-    if n_labels != k + 1:
-        raise ValueError(f"n_labels: expected {k} (the views) or {k + 1} (the views and their mean), got {n_labels}")
-    return torch.cat([views, views.mean(dim=1, keepdim=True)], dim=1)
+    check_shape(views, ["B", len(view_names), "C", "H", "W"], "views")
+    out = []
+    for name in label_names:
+        if name == MEAN_LABEL:
+            out.append(views.mean(dim=1))
+        elif name in view_names:
+            out.append(views[:, list(view_names).index(name)])
+        else:
+            raise ValueError(f"label_names: {name!r} is neither a view ({', '.join(view_names)}) nor {MEAN_LABEL!r}")
+    return torch.stack(out, dim=1)
 
 
 #: The size of the dihedral group of the square: 4 rotations, each with or without a flip.

@@ -7,7 +7,7 @@ teacher) runs at its top score, exactly as the label stage runs it
 
 - ``plain``: its output on the image itself (the identity view);
 - each view of ``label.augmentations``: A^-1(f(A(x))), the label stage's pseudo-label;
-- ``mean``: the pixel mean of the views (:func:`qtlib.augment.with_mean_label`), a label of its
+- ``mean``: the pixel mean of the views (:func:`qtlib.augment.pick_labels`), a label of its
   own only with ``label.mean_label``, reported always;
 
 every output quantized to uint8 and back (the label stage stores and scores those pixels),
@@ -36,12 +36,13 @@ from qtlib.augment import (
     GeometricAug,
     get_augmentations,
     restore_views,
-    with_mean_label,
+    pick_labels,
 )
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
 from qtlib.headroom_table import (
     GT_BEST,
+    MEAN,
     S_FIRST,
     Headroom,
     headroom_schema,
@@ -90,7 +91,8 @@ def restore_labels(restore: Restore, x: torch.Tensor, augs: Sequence[GeometricAu
     """
     plain = restore_views(restore, x, [AUGMENTATIONS["identity"]], tile, restore_tile)[:, 0]
     views = restore_views(restore, x, augs, tile, restore_tile)
-    return quantize(plain), quantize(with_mean_label(views, len(augs) + 1))
+    names = [a.name for a in augs]
+    return quantize(plain), quantize(pick_labels(views, names, (*names, MEAN)))
 
 
 def _argmax_named(values: np.ndarray, names: Sequence[str]) -> tuple[list[str | None], np.ndarray]:

@@ -41,7 +41,7 @@ import zarr
 from tqdm import tqdm
 
 from qtlib import __version__
-from qtlib.augment import get_augmentations, restore_views, with_mean_label
+from qtlib.augment import get_augmentations, pick_labels, restore_views
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
 from qtlib.data.store import commit_path, remove_path, staging_path
@@ -197,7 +197,7 @@ def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, p
     """
     check_image(x, "x", channels=3, value_range=(0.0, 1.0))
     views = restore_views(sh.restore, x, sh.augs, sh.tile, sh.restore_tiled)
-    pls = with_mean_label(views, len(sh.names)).clamp_(0, 1)
+    pls = pick_labels(views, [a.name for a in sh.augs], sh.names).clamp_(0, 1)
     nonfinite = ~torch.isfinite(pls).flatten(2).all(2).flatten()  # (B*K,): a NaN/inf teacher output
     q = pls.nan_to_num_(0.0).mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
     flat = q.flatten(0, 1).float().div_(255.0)

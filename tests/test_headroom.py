@@ -25,7 +25,7 @@ from qtlib.config import (
 from qtlib.data import ImageStore, prepare_paired
 from qtlib.headroom import headroom, image_table, quantize, restore_labels
 from qtlib.headroom_table import (
-    UNRESTORED_DB,
+    UNRESTORED_MARGIN_DB,
     Headroom,
     headroom_schema,
     read_headroom,
@@ -74,8 +74,9 @@ def test_image_table_on_hand_made_tensors() -> None:
     mean = quantize(t["labels"][:, :3].mean(1))
     assert frame["psnr_mean"].to_numpy() == pytest.approx(exact_psnr(mean, t["gt"]).numpy())
     # a view identical to the input is unrestored, the others are not
-    assert unrestored(frame["psnr_vs_input_hflip"]).all() and frame["psnr_vs_input_hflip"].min() > 70
-    assert not unrestored(frame["psnr_vs_input_vflip"]).any() and not unrestored(frame["psnr_vs_input_plain"]).any()
+    plain_in = frame["psnr_vs_input_plain"]
+    assert unrestored(frame["psnr_vs_input_hflip"], plain_in).all() and frame["psnr_vs_input_hflip"].min() > 70
+    assert not unrestored(frame["psnr_vs_input_vflip"], plain_in).any()
     # s_first: the largest finite S among the candidates (the mean is no candidate here); gt_best: largest PSNR
     assert list(frame["s_first"]) == ["rot90", "vflip"]
     assert frame["psnr_s_first"].to_numpy() == pytest.approx(frame[["psnr_rot90", "psnr_vflip"]].to_numpy().diagonal())
@@ -107,7 +108,7 @@ def test_summary_shares_by_hand() -> None:
         "psnr_mean": [20.5, 20.5, 19.0, 21.0], "psnr_s_first": [21.0, 19.0, 19.0, 21.0],
         "s_first": ["hflip", "hflip", "mean", "mean"], "psnr_gt_best": [21.0, 20.5, 20.0, 22.0],
         "gt_best": ["hflip", "mean", "hflip", "hflip"], "S_hflip": 1.0, "S_mean": 2.0,
-        "psnr_vs_input_plain": 25.0, "psnr_vs_input_hflip": [UNRESTORED_DB, 30.0, 45.0, 20.0],
+        "psnr_vs_input_plain": 25.0, "psnr_vs_input_hflip": [25.0 + UNRESTORED_MARGIN_DB, 30.0, 45.0, 20.0],
         "psnr_vs_input_mean": 30.0,
     })
     out = summarize_round(frame, ("hflip",), ("hflip", "mean")).set_index("column")
@@ -115,7 +116,8 @@ def test_summary_shares_by_hand() -> None:
     assert out.loc["hflip", "psnr"] == pytest.approx(20.5) and out.loc["hflip", "d_vs_plain"] == pytest.approx(0.5)
     assert out.loc["hflip", "share_better"] == 0.5 and out.loc["mean", "share_better"] == 0.75
     assert out.loc["hflip", "share_unrestored"] == 0.5 and out.loc["mean", "share_unrestored"] == 0.0
-    assert out.loc["s_first", "share_unrestored"] == 0.25  # image a: S chose hflip, which is the input (40 dB)
+    assert out.loc["s_first", "share_unrestored"] == 0.25  # image a: S chose hflip, 6 dB closer to the input
+    assert math.isnan(out.loc["plain", "share_unrestored"])
     assert out.loc["gt_best", "share_unrestored"] == 0.5  # images a and c
     assert out.loc["hflip", "share_s_first"] == 0.5 and out.loc["mean", "share_s_first"] == 0.5
     assert out.loc["gt_best", "share_s_first"] == 0.25  # S's first is the best on image a only

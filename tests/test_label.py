@@ -145,10 +145,22 @@ def test_mean_label_is_the_mean_of_the_views_stored_scored_and_gated(setup: dict
     # a complete set is now 4 labels: the gate keeps the images whose 4 labels are all valid
     result = gate_round(ledger, None, GateConfig(), n_aug=len(cfg.label_names))
     assert set(result.bank["augmentation"]) <= set(cfg.label_names) and len(result.bank) > 0
-    with pytest.raises(ValueError, match="n_labels"):
-        from qtlib.augment import with_mean_label
+    from qtlib.augment import pick_labels
 
-        with_mean_label(views, 5)
+    with pytest.raises(ValueError, match="neither a view"):
+        pick_labels(views, ["hflip", "vflip", "rot90"], ["identity"])
+    # label.view_labels: false -- the mean is each image's only label
+    only = LabelConfig(batch_size=3, mean_label=True, view_labels=False)
+    assert only.label_names == ("mean",)
+    out1 = tmp_path / "round_1"
+    label_shard(setup["teacher"], setup["images"], 0, 1, label_store_in(out1, 0), ledger_in(out1, 0), 1, IQA, only,
+                device="cpu", progress=False)
+    g1 = zarr.open_group(str(label_store_in(out1, 0)), mode="r")
+    assert g1["labels"].shape == (6, 1, 3, SIZE, SIZE) and np.array_equal(g1["labels"][:, 0], group["labels"][:, 3])
+    from qtlib.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="leaves no pseudo-label"):
+        config_from_dict({"label": {"view_labels": False}})
 
 
 def test_nan_scores_get_a_status_and_are_kept_out_of_the_bank(labeled: Path) -> None:

@@ -168,6 +168,9 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Validate a mapping (defaults filled) and return the typed :class:`Config`."""
     cfg = _build(Config, validate(data, source))
     check_budget(cfg, source)
+    if not cfg.label.label_names:
+        raise ConfigError(f"{source}: label.view_labels: false leaves no pseudo-label without label.mean_label: "
+                          "true; turn one of them on")
     return cfg
 
 

@@ -145,13 +145,15 @@ class LabelConfig:
     batch_size: int = 8
     augmentations: tuple[Augmentation, ...] = ("hflip", "vflip", "rot90")
     mean_label: bool = False
+    view_labels: bool = True
     tile: int = 1024
     tile_overlap: int = 32
 
     @property
     def label_names(self) -> tuple[str, ...]:
-        """The pseudo-labels of one image, in store order: the views, then ``mean`` with ``mean_label``."""
-        return (*self.augmentations, *((MEAN_LABEL,) if self.mean_label else ()))
+        """The pseudo-labels of one image, in store order: the views (``view_labels``), then ``mean``
+        (``mean_label``)."""
+        return (*(self.augmentations if self.view_labels else ()), *((MEAN_LABEL,) if self.mean_label else ()))
 
 
 @dataclass(frozen=True)
