@@ -51,6 +51,7 @@ from qtlib.ledger import read_ledger, write_table
 from qtlib.models import load_checkpoint, load_model
 from qtlib.restore import restore_tiled
 from qtlib.runtime import file_hash
+from qtlib.util.markdown import to_markdown
 
 log = logging.getLogger(__name__)
 
@@ -336,20 +337,6 @@ def controllability(means: pd.DataFrame, lower_better: Mapping[str, bool]) -> pd
                      "expected sign": "-" if lower_better[col] else "+", "levels": len(stu),
                      "Spearman(level, mean)": rho, "span (max - min)": span})
     return pd.DataFrame(rows)
-
-
-def _cell(v: object) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
-
-
-def to_markdown(frame: pd.DataFrame) -> str:
-    """A DataFrame as a Markdown table (NaN as an empty cell, floats with 4 significant digits)."""
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 def _verdict(diffs: pd.DataFrame) -> str:

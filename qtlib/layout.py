@@ -19,6 +19,8 @@ the results folder (:data:`LABEL_STORE`), so a results folder can move.
     <root>/round_<r>/{gate,bank,losses}.parquet, student.pt, teacher.pt
     <root>/round_<r>/input_labels.parquet          input scores, with train.input_labels (not a rule output)
     <root>/round_<r>/headroom.parquet              its teacher's labels of the test images vs ground truth
+    <root>/reward/{model.pt,report.md,report.parquet}  the learned member (liteiqa), fitted on the pairs
+    <root>/round_<r>/reward.pt                     refitted against round r-1's student (reward.refresh)
     <root>/eval/{metrics.parquet,summary.md,plots/}
     <root>/logs/
 """
@@ -47,6 +49,12 @@ STEP_CHECKPOINT_SUFFIX = ".partial"
 INPUT_LABELS = "input_labels.parquet"
 
 SPLITS = ("paired", "unlabeled", "test")
+MANIFEST = "manifest.parquet"
+
+
+def manifest_in(prepared_dir: str | Path) -> Path:
+    """The manifest of a prepared split folder (``qt prepare``'s ``manifest.parquet``: every source file's sha256)."""
+    return Path(prepared_dir) / MANIFEST
 
 
 def step_checkpoint(final: str | Path) -> Path:
@@ -121,7 +129,7 @@ class Layout:
         return self.prepared(split) / "clean.zarr"
 
     def manifest(self, split: str) -> Path:
-        return self.prepared(split) / "manifest.parquet"
+        return manifest_in(self.prepared(split))
 
     @property
     def leak_report(self) -> Path:
@@ -193,6 +201,32 @@ class Layout:
     @property
     def plots(self) -> Path:
         return self.eval_dir / "plots"
+
+    # ---------------------------------------------------------------- the learned reward
+    @property
+    def reward_dir(self) -> Path:
+        return self.root / "reward"
+
+    @property
+    def reward_model(self) -> Path:
+        """The learned member fitted on the paired data (``reward_fit``)."""
+        return self.reward_dir / "model.pt"
+
+    @property
+    def reward_report(self) -> Path:
+        return self.reward_dir / "report.md"
+
+    @property
+    def reward_table(self) -> Path:
+        return self.reward_dir / "report.parquet"
+
+    def reward_refit(self, r: Index) -> Path:
+        """Round r's reward refitted with round r-1's student (``reward.refresh``)."""
+        return self.round_dir(r) / "reward.pt"
+
+    def reward_of(self, r: int, refresh: bool) -> Path:
+        """The learned member that round r's label, train and headroom jobs use."""
+        return self.reward_refit(r) if refresh and r > 0 else self.reward_model
 
     @property
     def logs(self) -> Path:

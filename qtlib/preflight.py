@@ -69,16 +69,20 @@ def _metric_problems(cfg: Config) -> Iterator[str]:
     from qtlib.iqa.catalog import CATALOG
 
     known = ", ".join(sorted(CATALOG))
-    for i, member in enumerate(cfg.iqa.ensemble):
-        info = CATALOG.get(member.metric)
-        if info is None:
-            yield f"iqa.ensemble[{i}].metric: unknown metric {member.metric!r}; the catalog has: {known}"
-        elif info.needs_reference:
-            yield (f"iqa.ensemble[{i}].metric: {member.metric!r} needs a reference image; the ensemble scores "
-                   "unlabeled images, so use no-reference metrics")
+    for key, members in (("iqa.ensemble", cfg.iqa.ensemble), ("train.reward_ensemble", cfg.train.reward_ensemble)):
+        for i, member in enumerate(members):
+            info = CATALOG.get(member.metric)
+            if info is None:
+                yield f"{key}[{i}].metric: unknown metric {member.metric!r}; the catalog has: {known}"
+            elif info.needs_reference:
+                yield (f"{key}[{i}].metric: {member.metric!r} needs a reference image; the ensemble scores "
+                       "unlabeled images, so use no-reference metrics")
     for i, name in enumerate(cfg.evaluate.panel):
         if name not in CATALOG:
             yield f"evaluate.panel[{i}]: unknown metric {name!r}; the catalog has: {known}"
+    if cfg.iqa.learned.path and not Path(cfg.iqa.learned.path).expanduser().is_file():
+        yield (f"iqa.learned.path: {cfg.iqa.learned.path} is not a file (a fitted liteiqa model; leave it empty "
+               "and the workflow fits one)")
 
 
 def resolve(path: str, base: Path) -> Path:
@@ -193,9 +197,9 @@ def _side_problems(cfg: Config, size: int, key_of_size: str) -> Iterator[str]:
 def _reward_size_problems(cfg: Config) -> Iterator[str]:
     """The reward terms' images (the reward window, its crops) must be large enough for some member."""
     from qtlib.iqa.catalog import CATALOG
-    from qtlib.train.step import crop_side, reward_side
+    from qtlib.train.step import crop_side, reward_iqa, reward_side
 
-    infos = [(m.metric, CATALOG[m.metric]) for m in cfg.iqa.ensemble if m.metric in CATALOG]
+    infos = [(m.metric, CATALOG[m.metric]) for m in reward_iqa(cfg.train, cfg.iqa).ensemble if m.metric in CATALOG]
     if cfg.train.method != "qualiteacher" or not infos:
         return
     known = _prepared_side(cfg)

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,15 @@ class JobContext:
     device: str
 
 
+def with_learned_file(cfg: Config, reward: Any) -> Config:
+    """``cfg`` with ``iqa.learned.path`` set to the job's ``reward`` input (the workflow's fitted learned member)
+    when the config names no file of its own; unchanged without such an input."""
+    path = str(reward) if reward else ""
+    if not path or cfg.iqa.learned.path:
+        return cfg
+    return replace(cfg, iqa=replace(cfg.iqa, learned=replace(cfg.iqa.learned, path=path)))
+
+
 @contextlib.contextmanager
 def job(snakemake: Any, gpus: int = 0) -> Iterator[JobContext]:
     """Redirect output to the rule's log, validate the config, clear temporaries a killed earlier attempt
@@ -37,7 +46,8 @@ def job(snakemake: Any, gpus: int = 0) -> Iterator[JobContext]:
     with open(log_path, "w", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         logging.basicConfig(stream=fh, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             force=True)
-        cfg = config_from_dict(dict(snakemake.config), source="snakemake config")
+        cfg = with_learned_file(config_from_dict(dict(snakemake.config), source="snakemake config"),
+                                getattr(snakemake.input, "reward", None) if "reward" in snakemake.input.keys() else None)
         for out in snakemake.output:  # a killed earlier attempt of this job may have left temporaries
             for stale in remove_stale_temps(out):
                 logging.getLogger("qtlib").info("removed %s, left by an interrupted earlier run", stale)

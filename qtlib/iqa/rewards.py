@@ -37,6 +37,14 @@ class NoDifferentiableMemberError(ValueError):
     """No member of the ensemble passes gradients, so there is no reward to train with."""
 
 
+def member_grads(cfg: IQAConfig) -> dict[str, bool]:
+    """Whether each member passes gradients: its ``grad``, or when None (auto) false for a hand-crafted member
+    of an ensemble that holds a learned one (catalog source ``qtlib``), true otherwise."""
+    learned = any(get_info(m.metric).source == "qtlib" for m in cfg.ensemble)
+    return {m.metric: m.grad if m.grad is not None else not (learned and get_info(m.metric).source != "qtlib")
+            for m in cfg.ensemble}
+
+
 class Reward(nn.Module):
     """Differentiable ensemble score ``S(images)`` on the 0..10 scale.
 
@@ -58,11 +66,11 @@ class Reward(nn.Module):
     def __init__(self, cfg: IQAConfig, device: str | torch.device = "cpu") -> None:
         super().__init__()
         weights = ensemble_members(cfg)
-        grad = {m.metric: m.grad for m in cfg.ensemble}
+        grad = member_grads(cfg)
         # A member with grad: false is scored as a constant, so it needs no gradient of its own.
-        kept = {m: w for m, w in weights.items() if get_info(m).differentiable or not grad.get(m, True)}
+        kept = {m: w for m, w in weights.items() if get_info(m).differentiable or not grad[m]}
         excluded = tuple(m for m in weights if m not in kept)
-        if not any(grad.get(m, True) for m in kept):
+        if not any(grad[m] for m in kept):
             usable = ", ".join(n for n, i in CATALOG.items() if i.differentiable and not i.needs_reference)
             raise NoDifferentiableMemberError(
                 f"iqa.ensemble: no member is differentiable ({', '.join(weights)}); a reward needs one of: {usable}"
@@ -77,9 +85,10 @@ class Reward(nn.Module):
         self.members: tuple[str, ...] = tuple(kept)
         self.weights: tuple[float, ...] = tuple(kept.values())
         self.excluded: tuple[str, ...] = excluded
-        self.constant: frozenset[str] = frozenset(m for m in self.members if not grad.get(m, True))
+        self.constant: frozenset[str] = frozenset(m for m in self.members if not grad[m])
         self.metrics = nn.ModuleDict(
-            {m: create_metric(m, device, as_loss=True, allow_download=cfg.allow_download, fast=cfg.fast_paths) for m in self.members}
+            {m: create_metric(m, device, as_loss=True, allow_download=cfg.allow_download, fast=cfg.fast_paths,
+                              learned=cfg.learned) for m in self.members}
         )
         for p in self.metrics.parameters():
             p.requires_grad_(False)

@@ -420,12 +420,13 @@ def build_step_context(
         bf16: autocast the student passes (``compute.bf16``).
         passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one, chunked
             to ``train.batch_size`` images per call on a CPU, one call elsewhere; :func:`build_passes`).
-        reward: one reward function for both reward terms (default: the IQA ensemble, built only when
-            a reward term is on: one for patch-sized, one for crop-sized images).
+        reward: one reward function for both reward terms (default: ``train.reward_ensemble``, or the IQA
+            ensemble, built only when a reward term is on: one for window-sized, one for crop-sized images).
         perceptual: the resolved perceptual kind (default: resolve ``train.losses.per.kind`` now).
         init_params: W_init of L_reg (default: the student's ``train.losses.pref.reg_params`` weights now).
     """
     sw = resolve_switches(train, student.conditioned, perceptual)
+    iqa = reward_iqa(train, iqa)
     window = window if window is not None else reward_side(train.reward_window, train.patch_size)
     crop = crop_side(window, train.losses.cropped.fraction)
     full_reward = reward if reward is not None else (build_reward(iqa, window, device) if sw.preference else None)
@@ -454,6 +455,12 @@ def _supervised(ctx: StepContext, y: torch.Tensor, gt: torch.Tensor, total: torc
     if sc.per_weight > 0 and ctx.perceptual is not None:
         term = term + sc.per_weight * ctx.perceptual(y.clamp(0, 1), gt).mean()
     return total + sc.weight * term, term.item()
+
+
+def reward_iqa(train: TrainConfig, iqa: IQAConfig) -> IQAConfig:
+    """The ``iqa`` section the training reward is built from: ``train.reward_ensemble`` when it names members,
+    else ``iqa.ensemble`` (the rest of ``iqa``, the learned member's file included, is shared)."""
+    return replace(iqa, ensemble=train.reward_ensemble) if train.reward_ensemble else iqa
 
 
 def reward_config(iqa: IQAConfig, side: int) -> IQAConfig:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from qtlib.config import canonical_json, config_from_dict
 from qtlib.data.prepare import paired_layout
+from qtlib.iqa.catalog import CATALOG, get_info
 from qtlib.config.loader import to_dict
 from qtlib.layout import SPLITS, Layout
 
@@ -84,6 +85,26 @@ def test_has_ground_truth():
 def headrooms():
     """Every round's headroom table, with evaluate.headroom and a test set with ground truth; else none."""
     return [str(L.headroom(r)) for r in range(R)] if CFG.evaluate.headroom and test_has_ground_truth() else []
+
+
+def uses_learned():
+    """The workflow fits the learned member: liteiqa is in a metric list and iqa.learned.path names no file."""
+    names = [m.metric for m in (*CFG.iqa.ensemble, *CFG.train.reward_ensemble)] + list(CFG.evaluate.panel)
+    return not CFG.iqa.learned.path and any(get_info(n).source == "qtlib" for n in names if n in CATALOG)
+
+
+def reward_of_round(wildcards):
+    """The learned member round r's label, train and headroom jobs use (none when it is not in use)."""
+    return [str(L.reward_of(int(wildcards.r), CFG.reward.refresh))] if uses_learned() else []
+
+
+def final_reward():
+    """The learned member of the last round, for the evaluation's panel (none when it is not in use)."""
+    return [str(L.reward_of(R - 1, CFG.reward.refresh))] if uses_learned() else []
+
+
+def previous_student(wildcards):
+    return str(L.student(int(wildcards.r) - 1))
 
 
 def final_outputs():

@@ -13,6 +13,7 @@ rule evaluate:
         gates=[str(L.gate(r)) for r in range(R)],
         banks=[str(L.bank(r)) for r in range(R)],
         headrooms=headrooms(),  # with evaluate.headroom: a last section of summary.md
+        reward=final_reward(),  # the learned member, when the panel has it
     output:
         metrics=report(str(L.metrics), category="Evaluation", labels={"table": "all scores"}),
         summary=report(str(L.summary), category="Evaluation", labels={"table": "summary"}),

@@ -6,6 +6,7 @@ rule headroom:
     input:
         teacher=teacher_of,
         test=str(L.degraded("test")),
+        reward=reward_of_round,  # the learned member, when the ensemble has it
         leaks=ancient(str(L.leak_report)),  # the leak check passed (see data.smk)
     output:
         str(L.headroom("{r}")),

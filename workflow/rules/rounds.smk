@@ -5,6 +5,7 @@ rule label:
     input:
         teacher=teacher_of,
         images=str(L.unlabeled_images),
+        reward=reward_of_round,  # the learned member, when the ensemble has it
     output:
         store=directory(str(L.label_store("{r}", "{k}"))),
         ledger=str(L.ledger("{r}", "{k}")),
@@ -47,6 +48,7 @@ rule train:
         student=student_of,
         paired=str(L.degraded("paired")),  # the supervised anchor's pairs (train.losses.sup)
         initial=str(L.pretrained),  # W_init of L_reg with train.losses.pref.reg_anchor: initial
+        reward=reward_of_round,  # the learned member, when the ensemble or the reward has it
     output:
         student=str(L.student("{r}")),
         teacher=str(L.teacher("{r}")),
