@@ -87,8 +87,9 @@ def test_default_rain_plan_gives_every_row_one_budget(spec: proxy.ProxySpec, tmp
 
 
 def test_haze_negative_control(spec: proxy.ProxySpec, tmp_path: Path) -> None:
-    plan = proxy.build_plan(spec, task="haze", out=tmp_path)
-    assert [(r.row, r.seed) for r in plan.runs] == [("filter_mt", 0), ("qualiteacher", 0)]
+    plan = proxy.build_plan(spec, task="haze", out=tmp_path, seeds=[0])
+    assert [(r.row, r.seed) for r in plan.runs] == [(row, 0) for row in (
+        "sup_only", "plain_mt", "filter_mt", "qualiteacher", "qt_learned_rank", "qt_learned", "qt_learned_refresh")]
     assert [r.row for r in plan.references] == ["pretrained"]
     assert {r.config["demo"]["target_recipe"] for r in plan.runs} == {"haze_target"}
 
