@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         x0 = model(x, model.top_score).clamp(0, 1)
     psnr, ssim = create_metric("psnr"), create_metric("ssim")
-    truth = lambda y: psnr(y, clean).flatten()  # noqa: E731  (ascent on the true PSNR: the upper reference)
+    truth = lambda y: psnr(y, clean).flatten()
     scores = {**rewards(args.reward), "true PSNR": truth}
     print(f"{len(rows)} images of {args.images}, start: the pretrained restoration ({float(psnr(x0, clean).mean()):.2f} "
           f"dB); {args.steps} steps; 'fooled': reward above the clean image's; '-0.5 dB': PSNR 0.5 dB below the start")

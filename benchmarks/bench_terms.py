@@ -32,7 +32,15 @@ import torch
 from benchmarks.record import record, write_json
 from qtlib.augment import get_augmentations, pick_labels, restore_views
 from qtlib.config import load_config
-from qtlib.config.types import MEAN_LABEL, CroppedLoss, Losses, PerLoss, PrefLoss, RecLoss, SupLoss
+from qtlib.config.types import (
+    MEAN_LABEL,
+    CroppedLoss,
+    Losses,
+    PerLoss,
+    PrefLoss,
+    RecLoss,
+    SupLoss,
+)
 from qtlib.data import ImageStore
 from qtlib.layout import Layout
 from qtlib.models import load_model

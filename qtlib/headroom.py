@@ -35,8 +35,8 @@ from qtlib.augment import (
     AUGMENTATIONS,
     GeometricAug,
     get_augmentations,
-    restore_views,
     pick_labels,
+    restore_views,
 )
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore

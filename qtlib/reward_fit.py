@@ -318,7 +318,7 @@ def fit_reward(paired_dir: str | Path, pretrained: str | Path, out: str | Path, 
     frame = ladders.frame
     n_img = frame["ladder"].nunique()
     rng = np.random.default_rng(np.random.SeedSequence([seed, 29]))
-    n_held = int(round(cfg.holdout * n_img)) if n_img > 1 else 0
+    n_held = round(cfg.holdout * n_img) if n_img > 1 else 0
     held_ids = set(rng.permutation(n_img)[:n_held].tolist())
     is_held = frame["ladder"].isin(held_ids).to_numpy()
     fit_idx = torch.from_numpy(np.flatnonzero(~is_held))
@@ -348,7 +348,7 @@ def fit_reward(paired_dir: str | Path, pretrained: str | Path, out: str | Path, 
     manifest = manifest_in(paired_dir)  # the sha256 of every source file of the split
     meta = {"config": asdict(cfg), "seed": seed, "paired": file_hash(manifest) if manifest.is_file() else "",
             "pretrained": file_hash(pretrained),
-            "students": [file_hash(p) for p, _ in students], "n_candidates": int(len(frame)),
+            "students": [file_hash(p) for p, _ in students], "n_candidates": len(frame),
             "n_fit_images": int(n_img - n_held), "n_held_images": int(n_held), "final_loss": float(history[-1])}
     if not summary.empty:
         meta["spearman_q_all"] = float(summary.query("candidates == 'all' and score == 'liteiqa'")["spearman_q"].iloc[0])
@@ -367,10 +367,10 @@ def render_report(summary: pd.DataFrame, cfg: RewardConfig, n_fit: int, n_held: 
     order = [c for c in ["liteiqa", "brisque", "niqe"] if c in wide.columns]
     table = pd.concat([wide[order].add_suffix(" vs q"), wide_psnr[order].add_suffix(" vs PSNR")], axis=1)
     table = table.reset_index()
-    return "\n".join([
-        "# The learned reward (liteiqa): fit report", "",
-        f"Fitted on {n_fit} paired images, {n_held} held out (whole ladders). {cfg.steps} steps, hidden "
-        f"{cfg.hidden}, final loss {history[-1]:.4f}. Cap (95th percentile of the clean images' scores): {cap:.3f}.",
-        "", "Within-image Spearman on the held-out ladders, with the label q (PSNR + SSIM) and with PSNR. "
-        "`all`: every candidate of a ladder; a family: its candidates, the input and the clean image. BRISQUE "
-        "and NIQE are direction-corrected.", "", to_markdown(table)])
+    facts = (f"Fitted on {n_fit} paired images, {n_held} held out (whole ladders). {cfg.steps} steps, hidden "
+             f"{cfg.hidden}, final loss {history[-1]:.4f}. Cap (95th percentile of the clean images' scores): "
+             f"{cap:.3f}.")
+    how = ("Within-image Spearman on the held-out ladders, with the label q (PSNR + SSIM) and with PSNR. `all`: "
+           "every candidate of a ladder; a family: its candidates, the input and the clean image. BRISQUE and NIQE "
+           "are direction-corrected.")
+    return "\n".join(["# The learned reward (liteiqa): fit report", "", facts, "", how, "", to_markdown(table)])

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qtlib.config.types import IQAConfig, LearnedConfig, Member
 from qtlib.iqa import Ensemble, Reward, create_metric, get_info
-from qtlib.runtime import file_hash
 from qtlib.iqa.learned import (
     BACKBONE_SHA256,
     Defenses,
@@ -28,6 +27,7 @@ from qtlib.iqa.learned import (
     read_learned,
     save_learned,
 )
+from qtlib.runtime import file_hash
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,35 @@ def test_catalog_factory_ensemble_and_reward(tmp_path: Path, features: LiteFeatu
     y = x.clone().requires_grad_(True)
     reward(y).sum().backward()
     assert y.grad.abs().sum() > 0 and math.isfinite(float(y.grad.abs().sum()))
+
+
+def test_qt_score_with_the_learned_member(tmp_path: Path, features: LiteFeatures,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """``qt score --metrics liteiqa --reward PATH`` and ``qt score --config C --reward PATH`` (the config's
+    ensemble with the learned member in it)."""
+    import yaml
+    from PIL import Image
+    from skimage import data
+
+    from qtlib.cli import main as qt
+
+    path = save_learned(tmp_path / "m.pt", _fitted(features.dim))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()[:128, :128]).save(folder / f"{name}.png")
+    alone = tmp_path / "alone.parquet"
+    assert qt(["score", "--metrics", "liteiqa", "--reward", str(path), str(folder), "--out", str(alone)]) == 0
+    frame = pd.read_parquet(alone)
+    assert list(frame.columns) == ["path", "liteiqa", "liteiqa_norm", "S"] and frame["liteiqa"].notna().all()
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"iqa": {"ensemble": [{"metric": "liteiqa", "weight": 0.5},
+                                                           {"metric": "brisque", "weight": 0.5}]}}))
+    both = tmp_path / "both.parquet"
+    assert qt(["score", "--config", str(config), "--reward", str(path), str(folder), "--out", str(both)]) == 0
+    frame2 = pd.read_parquet(both)
+    assert {"liteiqa", "brisque", "S"} <= set(frame2.columns)
+    assert frame2["liteiqa"].tolist() == pytest.approx(frame["liteiqa"].tolist(), abs=1e-5)
+    capsys.readouterr()
+    assert qt(["score", "--metrics", "liteiqa", "--reward", str(tmp_path / "nope.pt"), str(folder)]) != 0
+    assert "nope.pt: no such file" in capsys.readouterr().err

@@ -34,7 +34,8 @@ def test_learned_member_is_fitted_refreshed_and_scores_the_labels(tmp_path: Path
     ledger = qtlib.ledger.load(res)
     for r, path in ((0, fitted), (1, refit)):  # the ledger records which reward file scored each row
         versions = ledger.loc[ledger["round"] == r, "metric_versions"].map(json.loads)
-        assert versions.map(lambda v: v["liteiqa"].endswith(file_hash(path))).all()
+        digest = file_hash(path)
+        assert all(v["liteiqa"].endswith(digest) for v in versions)
     metrics = pd.read_parquet(res / "eval" / "metrics.parquet")
     assert metrics["liteiqa"].notna().all()
 
