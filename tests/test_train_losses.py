@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qtlib.config import ModelConfig, UNetConfig
-from qtlib.config.types import CroppedLoss, Losses, PerLoss, PrefLoss, SupLoss, TrainConfig
+from qtlib.config.types import CroppedLoss, Losses, PerLoss, PrefLoss, RecLoss, SupLoss, TrainConfig
 from qtlib.models import build_model
 from qtlib.train import (
     StepContext,
@@ -421,3 +421,21 @@ def test_pref_params_injection_keeps_the_preference_out_of_the_backbone() -> Non
     for k in inj:
         torch.testing.assert_close(only[k], full[k], rtol=1e-5, atol=1e-7)
     assert t_only["loss"] == pytest.approx(t_full["loss"], rel=1e-6)
+
+
+def test_l_reg_reaches_its_anchored_weights_with_pref_params_injection() -> None:
+    """pref.params injection confines L1 and L2 of eq. (8) to the score embedding, but L_reg still pulls the
+    weights it anchors (reg_params: the backbone modules at the injection points too) toward W_init."""
+    losses = Losses(rec=RecLoss(weight=0.0), pref=PrefLoss(weight=1.0, params="injection", second_weight=0.0,
+                                                          reg_params=("embedding", "injection")),
+                    cropped=CroppedLoss(weight=0.0))
+    ctx = _ctx(replace(FULL, cropped=False), losses)[0]
+    block = ctx.student.backbone.get_submodule("bottleneck")
+    with torch.no_grad():  # moved away from its anchor by other terms, as training does
+        for p in block.parameters():
+            p.add_(0.5)
+    train_step(replace(ctx, optimizer=torch.optim.SGD(ctx.student.parameters(), lr=0.0)), _batch(), step=0)
+    grads = [p.grad for p in block.parameters()]
+    assert all(g is not None for g in grads)
+    # d/dW of 1/2 ||W - W_init||^2 = W - W_init = 0.5 everywhere (the preference itself adds nothing here)
+    assert all(torch.allclose(g, torch.full_like(g, 0.5), atol=1e-6) for g in grads)

@@ -345,7 +345,10 @@ def train_step(ctx: StepContext, batch: Batch, step: int) -> StepOutput:
         unit = 0.1 if lc.pref.unit_rewards else 1.0  # [0, 1] rewards: delta is a fraction of the range
         pt = preference_terms(r_h * unit, r_l * unit, s_tea * unit, lc.pref.beta, lc.pref.delta)
         reg = injection_reg(ctx.student.reg_parameters(lc.pref.reg_params), ctx.init_params)
-        pref = lc.pref.weight * (pt.first + lc.pref.second_weight * pt.second + lc.pref.reg_weight * reg)
+        pref = lc.pref.weight * (pt.first + lc.pref.second_weight * pt.second)
+        # L_reg acts on the weights it anchors whatever pref.params says: with params "injection" only the
+        # preference proper (L1, L2) is confined to the score embedding
+        total = total + lc.pref.weight * lc.pref.reg_weight * reg
         if lc.pref.params == "all":
             total = total + pref
         else:
