@@ -71,7 +71,7 @@ def natural_batch(b: int, p: int, seed: int, at_top: int = 0, window: int = 192)
     noisy, clean = crops(p)
     win_noisy, win_clean = crops(window)
     crop = crop_side(window, 0.5)
-    # a condition below the top level needs its own y_h pass; at the top, y doubles as y_h
+    # conditions below and at the top level (y_h is restored from the window either way)
     cond = torch.tensor([3.0, 5.0, 6.5, 4.5] * (b // 4 + 1))[:b]
     cond[:at_top] = 7.5
     return Batch(x=noisy, target=clean, weight=torch.ones(b, 1, p, p), cond=cond,
@@ -91,7 +91,7 @@ def make_step(method: str, iqa: IQAConfig, args: argparse.Namespace, bf16: bool)
     dev = torch.device(args.device)
     student = build_model(mc).to(dev)
     opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=tc.betas)
-    ctx = build_step_context(student, opt, tc, iqa, dev, top_score=7.0, bf16=bf16, perceptual=per)
+    ctx = build_step_context(student, opt, tc, iqa, dev, top_score=7.0, budget=1, bf16=bf16, perceptual=per)
     sw = ctx.switches
     ema = EMA(student, tc.ema_decay)
     student.train()

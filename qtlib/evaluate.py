@@ -43,6 +43,7 @@ from qtlib import plots
 from qtlib.config import EvaluateConfig, IQAConfig, Member
 from qtlib.config.types import ConditioningConfig
 from qtlib.data import ImageStore
+from qtlib.data.store import open_pair
 from qtlib.headroom_table import read_headroom, render_section
 from qtlib.headroom_table import summarize as summarize_headroom
 from qtlib.iqa import Ensemble, create_metric, get_info
@@ -222,15 +223,7 @@ class EvalSet:
 
     @classmethod
     def open(cls, test_dir: str | Path) -> EvalSet:
-        test_dir = Path(test_dir)
-        degraded = ImageStore(test_dir / "degraded.zarr")
-        clean = ImageStore(test_dir / "clean.zarr") if (test_dir / "clean.zarr").exists() else None
-        if clean is not None and (clean.ids != degraded.ids or not np.array_equal(clean.sizes, degraded.sizes)):
-            raise ValueError(f"{test_dir}: clean.zarr does not match degraded.zarr (ids or shape differ); "
-                             "re-run qt prepare on the test folder")
-        if len(degraded) == 0:
-            raise ValueError(f"{test_dir}/degraded.zarr: no test images")
-        return cls(degraded, clean)
+        return cls(*open_pair(test_dir, clean=None))
 
     def batches(self, size: int, device: str | torch.device) -> Iterator[Batch]:
         """``(ids, degraded, clean or None)`` per batch, checked: (B, 3, H, W) float in [0, 1].

@@ -40,6 +40,7 @@ from qtlib.augment import (
 )
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
+from qtlib.data.store import open_pair
 from qtlib.headroom_table import (
     GT_BEST,
     MEAN,
@@ -49,6 +50,7 @@ from qtlib.headroom_table import (
     labels_of,
     summarize,
 )
+from qtlib.imageio import quantize_uint8
 from qtlib.iqa import Ensemble, create_metric
 from qtlib.ledger import write_table
 from qtlib.models import load_model
@@ -72,8 +74,8 @@ class HeadroomResult:
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Images as the label stage stores them, back in [0, 1]: clamped, NaN/inf -> 0, rounded to 1/255."""
-    return images.clamp(0, 1).nan_to_num(0.0).mul(255.0).round().div(255.0)
+    """Images as the label stage stores them (:func:`qtlib.imageio.quantize_uint8`), back in [0, 1]."""
+    return quantize_uint8(images).float().div(255.0)
 
 
 def restore_labels(restore: Restore, x: torch.Tensor, augs: Sequence[GeometricAug], tile: int = 0,
@@ -149,16 +151,11 @@ def open_test_set(test_dir: str | Path) -> tuple[ImageStore, ImageStore]:
         FileNotFoundError: no ``clean.zarr`` (the headroom table needs ground truth).
         ValueError: the two stores differ in ids or sizes, or hold no image.
     """
-    test_dir = Path(test_dir)
-    if not (test_dir / "clean.zarr").exists():
-        raise FileNotFoundError(f"{test_dir}: no clean.zarr; the headroom table scores the pseudo-labels against "
-                                "ground truth and this test set has none (set evaluate.headroom: false)")
-    degraded, clean = ImageStore(test_dir / "degraded.zarr"), ImageStore(test_dir / "clean.zarr")
-    if clean.ids != degraded.ids or not np.array_equal(clean.sizes, degraded.sizes):
-        raise ValueError(f"{test_dir}: clean.zarr does not match degraded.zarr (ids or shape differ); "
-                         "re-run qt prepare on the test folder")
-    if len(degraded) == 0:
-        raise ValueError(f"{test_dir}/degraded.zarr: no test images")
+    try:
+        degraded, clean = open_pair(test_dir, clean=True)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}: the headroom table scores the pseudo-labels against ground truth "
+                                "(set evaluate.headroom: false)") from None
     return degraded, clean
 
 

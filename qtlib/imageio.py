@@ -38,6 +38,11 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
+def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the stores hold them: clamped, NaN/inf -> 0, rounded to uint8 (any shape, same device)."""
+    return images.clamp(0, 1).nan_to_num(0.0).mul(255.0).round().to(torch.uint8)
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """``(3, H, W)`` float tensor in [0, 1] -> ``(H, W, 3)`` uint8 array (rounded, clamped)."""
     check_shape(image, [3, "H", "W"], "image")

@@ -45,6 +45,7 @@ from qtlib.augment import get_augmentations, pick_labels, restore_views
 from qtlib.config import IQAConfig, LabelConfig
 from qtlib.data import ImageStore
 from qtlib.data.store import commit_path, remove_path, staging_path
+from qtlib.imageio import quantize_uint8
 from qtlib.iqa import Ensemble
 from qtlib.iqa.ensemble import EnsembleScores, split_blocks, unscorable
 from qtlib.ledger import (
@@ -199,7 +200,7 @@ def _label_batch(sh: _Shard, x: torch.Tensor, ids: list[str], src: np.ndarray, p
     views = restore_views(sh.restore, x, sh.augs, sh.tile, sh.restore_tiled)
     pls = pick_labels(views, [a.name for a in sh.augs], sh.names).clamp_(0, 1)
     nonfinite = ~torch.isfinite(pls).flatten(2).all(2).flatten()  # (B*K,): a NaN/inf teacher output
-    q = pls.nan_to_num_(0.0).mul(255.0).round_().to(torch.uint8)  # store and score the same pixels
+    q = quantize_uint8(pls)  # store and score the same pixels
     flat = q.flatten(0, 1).float().div_(255.0)
     try:
         scores = _mask_nonfinite(sh.ensemble.score(flat), nonfinite)

@@ -50,6 +50,9 @@ INPUT_LABELS = "input_labels.parquet"
 
 SPLITS = ("paired", "unlabeled", "test")
 MANIFEST = "manifest.parquet"
+#: The two stores of a prepared paired or test folder (``qt prepare --paired``).
+DEGRADED_STORE = "degraded.zarr"
+CLEAN_STORE = "clean.zarr"
 
 
 def manifest_in(prepared_dir: str | Path) -> Path:
@@ -123,10 +126,10 @@ class Layout:
         return self.prepared("unlabeled") / "images.zarr"
 
     def degraded(self, split: str) -> Path:
-        return self.prepared(split) / "degraded.zarr"
+        return self.prepared(split) / DEGRADED_STORE
 
     def clean(self, split: str) -> Path:
-        return self.prepared(split) / "clean.zarr"
+        return self.prepared(split) / CLEAN_STORE
 
     def manifest(self, split: str) -> Path:
         return manifest_in(self.prepared(split))

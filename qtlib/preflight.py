@@ -60,9 +60,31 @@ def problems(cfg: Config, base: Path) -> Iterator[str]:
     """Yield each problem as ``"<key>: <message>"``, in the order a user would fix them."""
     yield from _metric_problems(cfg)
     yield from _path_problems(cfg, base)
+    yield from _learned_problems(cfg, base)
+    yield from _view_problems(cfg)
     yield from _size_problems(cfg)
     yield from _switch_problems(cfg)
     yield from _count_problems(cfg, base)
+
+
+def _learned_problems(cfg: Config, base: Path) -> Iterator[str]:
+    """``iqa.learned.path``, when given, is a file (resolved as the ``data.*`` paths are)."""
+    given = cfg.iqa.learned.path
+    if given and not resolve(given, base).is_file():
+        yield (f"iqa.learned.path: {given} is not a file (a fitted liteiqa model; leave it empty and the workflow "
+               "fits one)")
+
+
+def _view_problems(cfg: Config) -> Iterator[str]:
+    """``train.strong_view``'s ranges: low <= high, JPEG quality within 1..100."""
+    sv = cfg.train.strong_view
+    for key in ("blur_sigma", "noise_std", "jpeg_quality"):
+        lo, hi = getattr(sv, key)
+        if lo > hi:
+            yield f"train.strong_view.{key}: [{lo:g}, {hi:g}] has its low end above its high end"
+    lo, hi = sv.jpeg_quality
+    if not 1 <= lo <= 100 or not 1 <= hi <= 100:
+        yield f"train.strong_view.jpeg_quality: [{lo:g}, {hi:g}] must lie within 1..100"
 
 
 def _metric_problems(cfg: Config) -> Iterator[str]:
@@ -80,9 +102,7 @@ def _metric_problems(cfg: Config) -> Iterator[str]:
     for i, name in enumerate(cfg.evaluate.panel):
         if name not in CATALOG:
             yield f"evaluate.panel[{i}]: unknown metric {name!r}; the catalog has: {known}"
-    if cfg.iqa.learned.path and not Path(cfg.iqa.learned.path).expanduser().is_file():
-        yield (f"iqa.learned.path: {cfg.iqa.learned.path} is not a file (a fitted liteiqa model; leave it empty "
-               "and the workflow fits one)")
+
 
 
 def resolve(path: str, base: Path) -> Path:
@@ -197,7 +217,8 @@ def _side_problems(cfg: Config, size: int, key_of_size: str) -> Iterator[str]:
 def _reward_size_problems(cfg: Config) -> Iterator[str]:
     """The reward terms' images (the reward window, its crops) must be large enough for some member."""
     from qtlib.iqa.catalog import CATALOG
-    from qtlib.train.step import crop_side, reward_iqa, reward_side
+    from qtlib.train.samples import reward_side
+    from qtlib.train.step import crop_side, reward_iqa
 
     infos = [(m.metric, CATALOG[m.metric]) for m in reward_iqa(cfg.train, cfg.iqa).ensemble if m.metric in CATALOG]
     if cfg.train.method != "qualiteacher" or not infos:

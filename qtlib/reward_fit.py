@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from qtlib.config.types import RewardConfig
 from qtlib.data import ImageStore
+from qtlib.data.store import open_pair
 from qtlib.data.degradations import add_noise, blur, jpeg
 from qtlib.iqa import create_metric, get_info
 from qtlib.iqa.learned import (
@@ -160,7 +161,8 @@ class Ladders:
     frame: pd.DataFrame
     """One row per candidate: image_id, ladder (int), family, param, psnr, ssim, q."""
     images: torch.Tensor | None = None
-    """(N, 3, H, W) the candidates (kept only for the held-out report's classical scores)."""
+    """(M, 3, H, W) the candidates of the ``keep`` ladders, in frame order (the held-out report's classical
+    scores)."""
 
 
 def _crop(x: torch.Tensor, side: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -172,7 +174,8 @@ def _crop(x: torch.Tensor, side: int, rng: np.random.Generator) -> tuple[int, in
 @torch.no_grad()
 def build_ladders(paired_dir: str | Path, pretrained: str | Path, cfg: RewardConfig, seed: int,
                   features: LiteFeatures, device: torch.device,
-                  students: Sequence[tuple[str | Path, Sequence[float]]] = (), keep_images: bool = False) -> Ladders:
+                  students: Sequence[tuple[str | Path, Sequence[float]]] = (),
+                  keep: Sequence[int] = ()) -> Ladders:
     """The ladders of every paired image (see the module docstring), with features and labels.
 
     Args:
@@ -182,9 +185,14 @@ def build_ladders(paired_dir: str | Path, pretrained: str | Path, cfg: RewardCon
         features: the backbone features.
         students: ``(checkpoint, levels)``: restorations of the inputs by each student at each level join
             the ladders (the refresh).
-        keep_images: also return the candidate images (for the classical metrics of the report).
+        keep: the ladders (paired rows) whose candidate images are returned too (the held-out report's).
+
+    Every ladder is cut at one side, ``reward.crop`` or the smallest image side if smaller, so that
+    candidates of all ladders stack.
     """
-    degraded, clean = ImageStore(Path(paired_dir) / "degraded.zarr"), ImageStore(Path(paired_dir) / "clean.zarr")
+    degraded, clean = open_paired(paired_dir)
+    side = min(cfg.crop, int(degraded.sizes.min()))
+    keep = set(int(k) for k in keep)
     model = load_model(pretrained, use_ema=False, device=str(device))
     learners = [(load_model(p, use_ema=False, device=str(device)), tuple(levels)) for p, levels in students]
     psnr = create_metric("psnr", device)
@@ -192,7 +200,6 @@ def build_ladders(paired_dir: str | Path, pretrained: str | Path, cfg: RewardCon
     feats, labels, rows, kept = [], [], [], []
     for i, image_id in enumerate(degraded.ids):
         d_full, c_full = degraded.read_tensor([i])[0], clean.read_tensor([i])[0]
-        side = min(cfg.crop, *d_full.shape[-2:])
         top, left = _crop(d_full, side, rng)
         d = d_full[:, top:top + side, left:left + side].to(device)
         c = c_full[:, top:top + side, left:left + side].to(device)
@@ -207,21 +214,44 @@ def build_ladders(paired_dir: str | Path, pretrained: str | Path, cfg: RewardCon
         labels.append(q.cpu())
         rows += [{"image_id": image_id, "ladder": i, "family": f, "param": a, "psnr": float(pv), "ssim": float(sv),
                   "q": float(qv)} for (f, a), pv, sv, qv in zip(names, p.tolist(), s.tolist(), q.tolist(), strict=True)]
-        if keep_images:
+        if i in keep:
             kept.append(cands.cpu())
-    return Ladders(torch.cat(feats), torch.cat(labels), pd.DataFrame(rows),
-                   torch.cat(kept) if keep_images else None)
+    return Ladders(torch.cat(feats), torch.cat(labels), pd.DataFrame(rows), torch.cat(kept) if kept else None)
 
 
-def ranking_loss(score: torch.Tensor, q: torch.Tensor, ladder_id: torch.Tensor, tie: float = 0.05) -> torch.Tensor:
-    """Mean pairwise logistic loss ``log(1 + exp(-(s_i - s_j)))`` over pairs of one ladder with ``q_i > q_j + tie``."""
-    same = ladder_id[:, None] == ladder_id[None, :]
-    better = (q[:, None] - q[None, :]) > tie
-    pairs = same & better
-    if not pairs.any():
+def open_paired(paired_dir: str | Path) -> tuple[ImageStore, ImageStore]:
+    """The degraded and clean stores of a prepared paired folder.
+
+    Raises:
+        ValueError: the two stores differ, or hold no image (there is nothing to fit on).
+    """
+    degraded, clean = open_pair(paired_dir, clean=True)
+    assert clean is not None  # required above
+    return degraded, clean
+
+
+def ranking_pairs(q: torch.Tensor, ladder_id: torch.Tensor, tie: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(i, j)`` index pairs of candidates of one ladder with ``q_i > q_j + tie`` (pairs closer are ties).
+
+    Built once per ladder, so memory grows with the ladders' sizes, not with the square of all candidates.
+    """
+    firsts, seconds = [], []
+    for lid in torch.unique(ladder_id):
+        members = torch.nonzero(ladder_id == lid).flatten()
+        qq = q[members]
+        a, b = torch.nonzero(qq[:, None] - qq[None, :] > tie, as_tuple=True)
+        firsts.append(members[a])
+        seconds.append(members[b])
+    empty = torch.zeros(0, dtype=torch.long)
+    return (torch.cat(firsts) if firsts else empty), (torch.cat(seconds) if seconds else empty)
+
+
+def ranking_loss(score: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean pairwise logistic loss ``log(1 + exp(-(s_i - s_j)))`` over ``pairs`` (:func:`ranking_pairs`)."""
+    i, j = pairs
+    if len(i) == 0:
         return score.sum() * 0.0
-    diff = score[:, None] - score[None, :]
-    return F.softplus(-diff[pairs]).mean()
+    return F.softplus(-(score[i] - score[j])).mean()
 
 
 def fit_head(features: torch.Tensor, q: torch.Tensor, ladder_id: torch.Tensor, cfg: RewardConfig,
@@ -235,10 +265,11 @@ def fit_head(features: torch.Tensor, q: torch.Tensor, ladder_id: torch.Tensor, c
     head = QualityHead(HeadConfig(features.shape[1], cfg.hidden))
     head.set_standardization(features)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pairs = ranking_pairs(q, ladder_id)
     history = []
     for _ in range(cfg.steps):
         s = head(features)
-        loss = cfg.rank_weight * ranking_loss(s, q, ladder_id) + cfg.calibration_weight * F.mse_loss(s, q)
+        loss = cfg.rank_weight * ranking_loss(s, pairs) + cfg.calibration_weight * F.mse_loss(s, q)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -254,6 +285,17 @@ def within_image_spearman(frame: pd.DataFrame, score: str, truth: str) -> float:
         if len(g) >= 3 and g[score].nunique() > 1 and g[truth].nunique() > 1:
             rhos.append(g[score].rank().corr(g[truth].rank()))
     return float(np.mean(rhos)) if rhos else math.nan
+
+
+def usable(metric: str, side: int) -> bool:
+    """A comparison metric of the report scores ``side`` px images and has its files (else it is left out)."""
+    info = get_info(metric)
+    if info.min_size > side:
+        return False
+    if info.missing_weights():
+        log.warning("reward report: %s left out: its weight files are missing (qt weights prepare)", metric)
+        return False
+    return True
 
 
 def report_table(held: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
@@ -314,12 +356,13 @@ def fit_reward(paired_dir: str | Path, pretrained: str | Path, out: str | Path, 
     """
     dev = resolve_device(device)
     features = LiteFeatures().to(dev)
-    ladders = build_ladders(paired_dir, pretrained, cfg, seed, features, dev, students, keep_images=report is not None)
-    frame = ladders.frame
-    n_img = frame["ladder"].nunique()
+    n_img = len(open_paired(paired_dir)[0])
     rng = np.random.default_rng(np.random.SeedSequence([seed, 29]))
-    n_held = round(cfg.holdout * n_img) if n_img > 1 else 0
-    held_ids = set(rng.permutation(n_img)[:n_held].tolist())
+    n_held = min(round(cfg.holdout * n_img), n_img - 1)  # at least one image to fit on
+    held_ids = sorted(rng.permutation(n_img)[:n_held].tolist())
+    ladders = build_ladders(paired_dir, pretrained, cfg, seed, features, dev, students,
+                            keep=held_ids if report is not None else ())
+    frame = ladders.frame
     is_held = frame["ladder"].isin(held_ids).to_numpy()
     fit_idx = torch.from_numpy(np.flatnonzero(~is_held))
     head, history = fit_head(ladders.features[fit_idx], ladders.q[fit_idx],
@@ -332,14 +375,13 @@ def fit_reward(paired_dir: str | Path, pretrained: str | Path, out: str | Path, 
     summary = pd.DataFrame()
     if report is not None and n_held:
         held = frame[is_held].copy()
-        idx = np.flatnonzero(is_held)
-        side = min(ladders.images.shape[-2:])
-        classical = [n for n in classical if get_info(n).min_size <= side]  # NIQE needs 96 px
+        images = ladders.images  # the held-out candidates, in frame order
+        classical = [n for n in classical if usable(n, min(images.shape[-2:]))]
         for name in classical:
             metric = create_metric(name, dev)
             with torch.no_grad():
-                raw = torch.cat([metric(ladders.images[idx[i:i + 16]].to(dev)).reshape(-1).float().cpu()
-                                 for i in range(0, len(idx), 16)])
+                raw = torch.cat([metric(images[i:i + 16].to(dev)).reshape(-1).float().cpu()
+                                 for i in range(0, len(images), 16)])
             held[name] = (-raw if get_info(name).lower_better else raw).numpy()  # ranked: higher = better
         summary = report_table(held, ["liteiqa", *classical])
         if table is not None:

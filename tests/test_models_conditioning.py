@@ -175,11 +175,11 @@ def test_reg_parameters_groups(backbone: str) -> None:
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(model.reg_parameters(["embedding"])) == ids(model.embedding.parameters())
     inj = ids(model.backbone.bottleneck.parameters()) | ids(model.backbone.decoders[1].parameters())
-    assert ids(model.reg_parameters(["injection"])) == inj
+    assert ids(model.reg_parameters(["injected"])) == inj
     assert ids(model.reg_parameters(["upsampling"])) == ids(model.backbone.ups.parameters())
-    both = model.reg_parameters(["embedding", "injection", "injection"])
+    both = model.reg_parameters(["embedding", "injected", "injected"])
     assert len(both) == len(ids(both)) and ids(both) == ids(model.embedding.parameters()) | inj  # each once
-    assert [id(p) for p in both] == [id(p) for p in model.reg_parameters(["embedding", "injection"])]  # fixed order
+    assert [id(p) for p in both] == [id(p) for p in model.reg_parameters(["embedding", "injected"])]  # fixed order
     with pytest.raises(ValueError, match="unknown group"):
         model.reg_parameters(["head"])
     assert build_model(ModelConfig(conditioning=ConditioningConfig(enabled=False))).reg_parameters(["embedding"]) == []

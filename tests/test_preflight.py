@@ -251,3 +251,15 @@ def test_snakemake_dry_run_prints_one_line(tmp_path: Path, bad: dict[str, Any], 
     lines = [l for l in (proc.stdout + proc.stderr).splitlines()
              if l.strip() and not l.startswith("Using workflow specific profile")]
     assert lines == [f"config error: {lines[0].removeprefix('config error: ')}"] and expected in lines[0], lines
+
+
+def test_exception_strong_view_ranges_and_learned_path(tmp_path: Path) -> None:
+    bad = _with(train={"strong_view": {"enabled": True, "noise_std": [0.05, 0.01]}})
+    assert "train.strong_view.noise_std: [0.05, 0.01] has its low end above its high end" in _fails(bad, tmp_path)
+    jpeg = _with(train={"strong_view": {"jpeg_quality": [0, 90]}})
+    assert "train.strong_view.jpeg_quality: [0, 90] must lie within 1..100" in _fails(jpeg, tmp_path)
+    missing = _with(iqa={"learned": {"path": "fits/model.pt"}})
+    assert "iqa.learned.path: fits/model.pt is not a file" in _fails(missing, tmp_path)
+    (tmp_path / "fits").mkdir()
+    (tmp_path / "fits" / "model.pt").write_bytes(b"x")  # resolved against the config's folder, as data.* are
+    preflight(missing, SOURCE, tmp_path)

@@ -23,6 +23,7 @@ from qtlib.reward_fit import (
     ladder,
     quality_label,
     ranking_loss,
+    ranking_pairs,
     within_image_spearman,
 )
 
@@ -86,8 +87,11 @@ def test_ranking_loss_hand_values() -> None:
     ladder_id = torch.tensor([0, 0, 0, 1])  # image 1 has one candidate: no pair
     pairs = [(0, 1), (0, 2), (1, 2)]
     want = np.mean([np.log1p(np.exp(-(float(s[i]) - float(s[j])))) for i, j in pairs])
-    assert float(ranking_loss(s, q, ladder_id)) == pytest.approx(want, rel=1e-6)
-    assert float(ranking_loss(s, torch.tensor([1.0, 1.02, 1.0, 1.0]), ladder_id)) == 0.0  # ties: no pair
+    got = ranking_pairs(q, ladder_id)
+    assert sorted(zip(got[0].tolist(), got[1].tolist(), strict=True)) == pairs
+    assert float(ranking_loss(s, got)) == pytest.approx(want, rel=1e-6)
+    ties = ranking_pairs(torch.tensor([1.0, 1.02, 1.0, 1.0]), ladder_id)
+    assert len(ties[0]) == 0 and float(ranking_loss(s, ties)) == 0.0  # ties: no pair
 
 
 def test_fit_improves_held_out_ranking_and_writes_a_complete_file(world: dict[str, Path], tmp_path: Path) -> None:

@@ -364,7 +364,7 @@ def test_supervised_anchor_and_initial_w_init_in_a_round(world: dict[str, Path],
     spec = RoundSpec(paths, 0, replace(cfg.train, preference=True), cfg.iqa, cfg.compute, cfg.seed)
     w_init = _w_init(spec, torch.device("cpu"))
     groups = cfg.train.losses.pref.reg_params
-    assert groups == ("embedding", "injection")  # the default anchored set
+    assert groups == ("embedding", "injected")  # the default anchored set
     assert len(w_init) == len(model.reg_parameters(groups)) > len(model.injection_parameters())
     assert all(torch.equal(a, b.detach()) for a, b in zip(w_init, model.reg_parameters(groups), strict=True))
     assert _w_init(replace(spec, train=_config(losses={"pref": {"reg_anchor": "round"}}).train),

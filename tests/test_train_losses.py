@@ -427,7 +427,7 @@ def test_l_reg_reaches_its_anchored_weights_with_pref_params_injection() -> None
     """pref.params injection confines L1 and L2 of eq. (8) to the score embedding, but L_reg still pulls the
     weights it anchors (reg_params: the backbone modules at the injection points too) toward W_init."""
     losses = Losses(rec=RecLoss(weight=0.0), pref=PrefLoss(weight=1.0, params="injection", second_weight=0.0,
-                                                          reg_params=("embedding", "injection")),
+                                                          reg_params=("embedding", "injected")),
                     cropped=CroppedLoss(weight=0.0))
     ctx = _ctx(replace(FULL, cropped=False), losses)[0]
     block = ctx.student.backbone.get_submodule("bottleneck")

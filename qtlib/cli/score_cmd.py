@@ -81,6 +81,11 @@ def _iqa_config(args: argparse.Namespace) -> IQAConfig:
     if args.allow_download:
         cfg = dataclasses.replace(cfg, allow_download=True)
     if args.reward:
+        from qtlib.iqa import get_info
+
+        if not any(get_info(m.metric).source == "qtlib" for m in cfg.ensemble):
+            raise UserError(f"--reward: no metric of {', '.join(m.metric for m in cfg.ensemble)} uses a fitted file "
+                            "(add liteiqa to --metrics or to the config's iqa.ensemble)")
         if not Path(args.reward).is_file():
             raise UserError(f"--reward: {args.reward}: no such file (a fitted liteiqa model, e.g. "
                             "results/reward/model.pt)")

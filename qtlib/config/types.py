@@ -8,6 +8,7 @@ a :class:`Config` from it. A test checks that schema and dataclasses agree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,7 +17,7 @@ RecipeKind = Literal["rain", "snow", "haze", "low_light", "underwater"]
 Perceptual = Literal["auto", "vgg", "ms_ssim", "nlpd", "none"]
 Augmentation = Literal["identity", "hflip", "vflip", "rot90"]
 LRSchedule = Literal["constant", "cosine"]
-RegParams = Literal["embedding", "injection", "upsampling"]
+RegParams = Literal["embedding", "injected", "upsampling"]
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,17 @@ class GateConfig:
     enabled: bool = True
 
 
-def start_step(start: float, budget: int) -> int:
-    """A loss term's ``start`` as a global step: below 1 a share of ``budget`` (the run's steps), else a step."""
-    return int(start * budget) if start < 1 else int(start)
+def start_step(start: float, budget: int | None) -> int:
+    """A loss term's ``start`` as a global step: below 1 a share of ``budget`` (the run's steps), else a step.
+
+    Raises:
+        ValueError: a share without a budget (``budget`` None).
+    """
+    if start >= 1:
+        return int(start)
+    if start > 0 and budget is None:
+        raise ValueError(f"start {start}: a share of the run's budget, but no budget (rounds x steps) was given")
+    return math.floor(start * (budget or 0) + 1e-9)  # 0.29 x 100 is 28.999...: 29
 
 
 @dataclass(frozen=True)
@@ -206,7 +215,7 @@ class PrefLoss:
     reg_weight: float = 1.0
     low_levels: tuple[float, ...] = (4.0, 5.0, 6.0)
     reg_anchor: Literal["round", "initial"] = "initial"
-    reg_params: tuple[RegParams, ...] = ("embedding", "injection")
+    reg_params: tuple[RegParams, ...] = ("embedding", "injected")
     l2_target: Literal["poorest", "best"] = "poorest"
     unit_rewards: bool = False
     params: Literal["all", "injection"] = "all"

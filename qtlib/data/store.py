@@ -358,3 +358,31 @@ def load_images(path: str | Path) -> Images:
     """Load a whole image store: ``(ids, N x 3 x S x S uint8 array)``."""
     store = ImageStore(path)
     return Images(list(store.ids), store.read(slice(None)))
+
+
+def open_pair(folder: str | Path, clean: bool | None = True) -> tuple[ImageStore, ImageStore | None]:
+    """The degraded and clean stores of a prepared paired or test folder (``qt prepare --paired``), checked.
+
+    Args:
+        folder: the prepared folder.
+        clean: True = ground truth is required; None = optional (returned as None when absent).
+
+    Raises:
+        FileNotFoundError: no clean store where it is required.
+        ValueError: the stores differ in ids or sizes, or hold no image.
+    """
+    from qtlib.layout import CLEAN_STORE, DEGRADED_STORE
+
+    folder = Path(folder)
+    if clean and not (folder / CLEAN_STORE).exists():
+        raise FileNotFoundError(f"{folder}: no {CLEAN_STORE} (ground truth), which this needs")
+    degraded = ImageStore(folder / DEGRADED_STORE)
+    truth = None
+    if (folder / CLEAN_STORE).exists():
+        truth = ImageStore(folder / CLEAN_STORE)
+        if truth.ids != degraded.ids or not np.array_equal(truth.sizes, degraded.sizes):
+            raise ValueError(f"{folder}: {CLEAN_STORE} does not match {DEGRADED_STORE} (ids or sizes differ); "
+                             "re-run qt prepare on the folder")
+    if len(degraded) == 0:
+        raise ValueError(f"{folder}/{DEGRADED_STORE}: no images")
+    return degraded, truth

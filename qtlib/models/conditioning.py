@@ -281,7 +281,7 @@ class ScoreConditioned(Restorer):
         """The weights of L_reg = 1/2 sum ||W - W_init||^2 (eq. 8), by group, each parameter once, in a fixed order.
 
         Args:
-            groups: any of ``embedding`` (the score embedding), ``injection`` (the backbone modules at
+            groups: any of ``embedding`` (the score embedding), ``injected`` (the backbone modules at
                 the injection points, whose outputs receive the embedding: the paper's "score injection
                 layers") and ``upsampling`` (the backbone's upsampling convolutions, ``ups``: what the
                 authors' code anchors).
@@ -293,7 +293,7 @@ class ScoreConditioned(Restorer):
         for group in groups:
             if group == "embedding":
                 params = list(self.embedding.parameters())
-            elif group == "injection":
+            elif group == "injected":
                 params = [p for name in self.cfg.injection for p in self.backbone.get_submodule(name).parameters()]
             elif group == "upsampling":
                 ups = getattr(self.backbone, "ups", None)
@@ -301,7 +301,7 @@ class ScoreConditioned(Restorer):
                     raise ValueError(f"reg_params: {type(self.backbone).__name__} has no upsampling layers (ups)")
                 params = list(ups.parameters())
             else:
-                raise ValueError(f"reg_params: unknown group {group!r}; expected embedding, injection or upsampling")
+                raise ValueError(f"reg_params: unknown group {group!r}; expected embedding, injected or upsampling")
             for p in params:
                 found.setdefault(id(p), p)
         return list(found.values())

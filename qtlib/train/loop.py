@@ -56,6 +56,7 @@ from qtlib.train.samples import (
     build_samples,
     draw_epoch_plan,
     rank_slots,
+    reward_side,
     seed_for,
     steps_per_epoch,
 )
@@ -77,7 +78,6 @@ from qtlib.train.step import (
     build_step_context,
     build_passes,
     resolve_switches,
-    reward_side,
     train_step,
 )
 
@@ -91,17 +91,7 @@ LOG_SCHEMA = pa.schema(
         pa.field("epoch", pa.int32(), nullable=False),
         pa.field("step", pa.int64(), nullable=False),
         pa.field("global_step", pa.int64(), nullable=False),
-        pa.field("loss", pa.float64()),
-        pa.field("rec", pa.float64()),
-        pa.field("per", pa.float64()),
-        pa.field("pref_first", pa.float64()),
-        pa.field("pref_second", pa.float64()),
-        pa.field("pref_reg", pa.float64()),
-        pa.field("cropped", pa.float64()),
-        pa.field("reward_high", pa.float64()),
-        pa.field("reward_low", pa.float64()),
-        pa.field("sup", pa.float64()),
-        pa.field("reward_ref", pa.float64()),
+        *[pa.field(term, pa.float64()) for term in TERMS],
         pa.field("lr", pa.float64()),
     ],
     metadata={"qtlib.table": "train_log"},
@@ -181,12 +171,19 @@ class TrainResult:
 
 
 def round_fingerprint(spec: RoundSpec, world: int) -> str:
-    """What a step checkpoint must match to be resumed: config slices, input hashes, global batch."""
+    """What a step checkpoint must match to be resumed: config slices, input hashes, global batch.
+
+    The learned member's file counts by its content (a refit at the same path is another reward), not by
+    its path (a moved results folder still resumes).
+    """
     p = spec.paths
+    iqa = to_dict(spec.iqa)
+    if spec.iqa.learned.path:
+        iqa["learned"]["path"] = file_hash(spec.iqa.learned.path)
     return fingerprint({
         "round": spec.round, "rounds": spec.rounds, "seed": spec.seed,
         "train": to_dict(replace(spec.train, checkpoint_every=1, gpus=1)),
-        "iqa": to_dict(spec.iqa), "bf16": spec.compute.bf16, "global_batch": spec.train.batch_size * world,
+        "iqa": iqa, "bf16": spec.compute.bf16, "global_batch": spec.train.batch_size * world,
         "inputs": {k: file_hash(getattr(p, k)) for k in ("teacher", "student", "bank")},
         "images": portable(p.images, p.results_dir),
         "paired": portable(p.paired, p.results_dir) if p.paired is not None and spec.train.losses.sup.weight > 0
@@ -243,6 +240,8 @@ class _Round:
     paired: PairedReader | None
     per_epoch: int
     total: int
+    window: int
+    """The reward window's side (the training patch when no reward term is on)."""
     guard: NonFiniteGuard | None = None
 
 
@@ -268,8 +267,12 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     global_batch = tc.batch_size * world.size
     per_epoch = steps_per_epoch(len(samples), global_batch)
     total = tc.steps if tc.steps > 0 else per_epoch * tc.epochs
+    # the budget of the shares: round 0's, carried by the students (with epochs, round lengths differ)
+    budget = int(start.extra.get("budget", 0)) if start.kind == "student" else 0
+    budget = budget or spec.rounds * total
+    window = reader.window or tc.patch_size
     ctx = build_step_context(student, opt, tc, spec.iqa, dev, top_score=float(mc.conditioning.top_score),
-                             window=reader.window or tc.patch_size, budget=spec.rounds * total, bf16=spec.compute.bf16,
+                             window=window, budget=budget, bf16=spec.compute.bf16,
                              passes=passes, reward=reward, perceptual=sw.perceptual,
                              init_params=_w_init(spec, dev, start.kind))
     decay = ema_decay(tc.ema_decay, tc.ema_half_life, total)
@@ -277,7 +280,7 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
     st = TrainState("round", round_fingerprint(spec, world.size),
                     global_step=int(start.extra.get("global_step", 0)) if start.kind == "student" else 0,
                     determinism=determinism, perceptual=ctx.switches.perceptual, switches=asdict(ctx.switches),
-                    n_samples=len(samples), world=world.size, global_batch=global_batch)
+                    n_samples=len(samples), world=world.size, global_batch=global_batch, budget=budget)
     resumed = find_resume(spec.paths.out_student, spec.resume, "round", st.fingerprint)
     if resumed is not None:
         st = resume_into(resumed, student, opt, ema, restore_rng=world.is_main)
@@ -286,7 +289,8 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
         _log.info("round %d: EMA decay %.6f (half-life %.0f steps), reward window %s px", spec.round, decay,
                   math.log(0.5) / math.log(decay) if 0 < decay < 1 else math.inf, reader.window or "off")
     guard = NonFiniteGuard(tc.max_nonfinite_steps, f"train round {spec.round}")
-    return _Round(spec, world, mc, student, opt, ema, ctx, reader, _paired_reader(spec), per_epoch, total, guard), st
+    return _Round(spec, world, mc, student, opt, ema, ctx, reader, _paired_reader(spec), per_epoch, total, window,
+                  guard), st
 
 
 def _input_labels(world: ddp.World, spec: RoundSpec, samples: TrainSamples, top_score: float) -> TrainSamples:
@@ -392,7 +396,7 @@ def _run_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None, deter
         if plan is None or plan.epoch != epoch:
             plan = draw_epoch_plan(st.n_samples, st.global_batch, r.reader.image_size, tc.patch_size, r.ctx.crop,
                                    tc.losses.pref.low_levels, spec.seed, spec.round, epoch,
-                                   window=r.reader.window or tc.patch_size)
+                                   window=r.window)
         _one_step(r, st, plan, epoch, in_epoch)
         if world.is_main and st.step < r.total and st.step % tc.checkpoint_every == 0:
             save_step(out, r.mc, r.student, r.opt, st, spec.round, r.ema)

@@ -98,7 +98,8 @@ def preference_terms(
     Args:
         r_high: (B,) reward of y_h, the student at the top score.
         r_low: (B,) reward of y_l, the student at a low score.
-        s_poor: (B,) ensemble score of the poorest pseudo-label of each image (a constant).
+        s_poor: (B,) reward of each image's reference pseudo-label (its poorest, or its best with
+            ``l2_target: best``), scored as y_h is (a constant).
         beta: temperature; delta: margin.
 
     Returns:

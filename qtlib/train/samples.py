@@ -3,7 +3,8 @@
 A *sample* is one row of the bank (one pseudo-label, PL) of the method's
 selection (:func:`select_bank_rows`): the unlabeled image it restores, the
 PL's score as the condition, the PL to regress to, the PL's block scores, and
-the score of the image's poorest PL (for L2 of eq. 8). When the condition is
+where the image's reference PL of L2 (eq. 8) is, whose window the reward scores
+as it scores y_h. When the condition is
 at the top level (S >= top_score) the target is the image's best PL instead
 (paper, sec. 3.3), with that PL's block scores.
 
@@ -34,7 +35,7 @@ import torch
 import zarr
 
 from qtlib.augment import DIHEDRAL, dihedral
-from qtlib.data.store import ImageStore, LabelStore
+from qtlib.data.store import ImageStore, LabelStore, open_pair
 from qtlib.train.losses import block_weight_map
 
 Method = Literal["qualiteacher", "plain_mt", "filter_mt"]
@@ -289,6 +290,13 @@ class EpochPlan:
     window_yx: np.ndarray
 
 
+def reward_side(reward_window: int, patch: int, smallest_side: int | None = None) -> int:
+    """Side of the reward window (``train.reward_window``): the setting, capped at the smallest image side;
+    0 = the training patch."""
+    side = reward_window or patch
+    return side if smallest_side is None else min(side, int(smallest_side))
+
+
 def steps_per_epoch(n_samples: int, global_batch: int) -> int:
     """Optimizer steps in an epoch: every sample once, the last global batch filled by wrapping round."""
     return max(1, -(-n_samples // global_batch))
@@ -314,7 +322,7 @@ def draw_epoch_plan(
         image_size: ``(H, W)`` of every image, or an ``(n_samples, 2)`` array of each sample's
             image size (native-size data); a patch position is then uniform over its own image.
         patch: the training patch side; crop: the cropped-consistency crop side (inside the window).
-        window: the reward window side (:func:`qtlib.train.step.reward_side`; None = ``patch``).
+        window: the reward window side (:func:`reward_side`; None = ``patch``).
     """
     window = patch if window is None else window
     sizes = np.asarray(image_size, dtype=np.int64)
@@ -444,7 +452,7 @@ class BankReader:
             raise ValueError(f"bank: source_index {int(samples.source_index.max())} is beyond the "
                              f"{len(self.images)} rows of {images}")
         self.sizes = self.images.sizes[samples.source_index]
-        self.window = min(window, int(self.sizes.min())) if window > 0 else 0  # capped at the smallest image
+        self.window = reward_side(window, patch, int(self.sizes.min())) if window > 0 else 0
         self.ref = ref and self.window > 0
         pl = ~samples.is_input
         for i in np.flatnonzero(pl):  # an input sample's target is its image: nothing to check
@@ -526,11 +534,8 @@ class PairedReader:
     """
 
     def __init__(self, paired_dir: str | Path, patch: int, geometric: bool = False) -> None:
-        paired_dir = Path(paired_dir)
-        self.degraded = ImageStore(paired_dir / "degraded.zarr")
-        self.clean = ImageStore(paired_dir / "clean.zarr")
-        if self.degraded.ids != self.clean.ids or not np.array_equal(self.degraded.sizes, self.clean.sizes):
-            raise ValueError(f"{paired_dir}: degraded.zarr and clean.zarr differ (ids or sizes)")
+        self.degraded, clean = open_pair(paired_dir, clean=True)
+        self.clean: ImageStore = clean  # type: ignore[assignment]  (required above)
         small = int(self.degraded.sizes.min())
         if patch > small:
             raise ValueError(f"patch_size: {patch} px does not fit the paired images (smallest side {small} px)")

@@ -48,6 +48,9 @@ class TrainState:
         switches: the resolved method switches (rounds only).
         n_samples, world, global_batch: the round's sample count, DDP world size and global batch.
         final_loss: the last step's loss (pretraining's final checkpoint).
+        budget: the run's steps (rounds x round 0's steps), which a loss term's ``start`` below 1 is a
+            share of; set by round 0 and carried by every round's student, so that with epochs (bank sizes,
+            hence round lengths, differ) a term that has started never stops again.
     """
 
     stage: Stage
@@ -62,6 +65,7 @@ class TrainState:
     world: int = 1
     global_batch: int = 0
     final_loss: float | None = None
+    budget: int = 0
 
     def to_extra(self, with_log: bool = True) -> dict[str, Any]:
         """The state as a checkpoint's ``extra`` mapping (the log only in step checkpoints)."""

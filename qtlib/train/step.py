@@ -30,7 +30,7 @@ from torch import nn
 
 from qtlib.config.types import IQAConfig, Losses, TrainConfig, start_step
 from qtlib.models import Restorer
-from qtlib.train.samples import Batch
+from qtlib.train.samples import Batch, reward_side
 from qtlib.train.losses import (
     crop_batch,
     cropped_consistency,
@@ -130,11 +130,7 @@ def crop_side(window: int, fraction: float) -> int:
     return max(1, round(fraction * window))
 
 
-def reward_side(reward_window: int, patch: int, smallest_side: int | None = None) -> int:
-    """Side of the reward window (``train.reward_window``): the setting, capped at the smallest image side;
-    0 = the training patch."""
-    side = reward_window or patch
-    return side if smallest_side is None else min(side, int(smallest_side))
+
 
 
 def pass_chunk(batch_size: int, device: torch.device, fast: bool = True) -> int | None:
@@ -403,7 +399,7 @@ def build_step_context(
     *,
     top_score: float,
     window: int | None = None,
-    budget: int = 0,
+    budget: int | None = None,
     bf16: bool = False,
     passes: nn.Module | None = None,
     reward: RewardFn | None = None,
@@ -419,7 +415,8 @@ def build_step_context(
         device: where the step runs.
         top_score: the merged top condition level (``model.conditioning.top_score``).
         window: the reward window side (:func:`reward_side`; default ``train.reward_window`` or the patch).
-        budget: the run's steps (rounds x steps per round), for a ``start`` given as a share.
+        budget: the run's steps (rounds x steps per round), for a ``start`` given as a share (None: a share
+            is an error).
         bf16: autocast the student passes (``compute.bf16``).
         passes: :class:`StudentPasses` of ``student``, possibly wrapped in DDP (default: a new one, chunked
             to ``train.batch_size`` images per call on a CPU, one call elsewhere; :func:`build_passes`).
@@ -444,7 +441,7 @@ def build_step_context(
                        build_perceptual(sw.perceptual, device), init_params, device, bf16)
 
 
-def resolve_starts(losses: Losses, budget: int) -> Losses:
+def resolve_starts(losses: Losses, budget: int | None) -> Losses:
     """``losses`` with every term's ``start`` as a global step (a start below 1 is a share of ``budget``)."""
     return replace(losses, **{name: replace(getattr(losses, name), start=start_step(getattr(losses, name).start,
                                                                                     budget))
@@ -484,7 +481,7 @@ def reward_config(iqa: IQAConfig, side: int) -> IQAConfig:
     if not kept:
         need = min(get_info(m.metric).reward_size for m in iqa.ensemble)
         raise ValueError(f"reward: no member of iqa.ensemble scores {side} px images (the smallest needs {need} "
-                         "px); raise train.patch_size or train.losses.cropped.fraction")
+                         "px); raise train.reward_window or train.losses.cropped.fraction")
     if len(kept) < len(iqa.ensemble):
         left = [m.metric for m in iqa.ensemble if m not in kept]
         _log.warning("reward on %d px images: leaving out %s (not well defined below its reward size); using %s",

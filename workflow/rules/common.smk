@@ -87,20 +87,20 @@ def headrooms():
     return [str(L.headroom(r)) for r in range(R)] if CFG.evaluate.headroom and test_has_ground_truth() else []
 
 
-def uses_learned():
-    """The workflow fits the learned member: liteiqa is in a metric list and iqa.learned.path names no file."""
-    names = [m.metric for m in (*CFG.iqa.ensemble, *CFG.train.reward_ensemble)] + list(CFG.evaluate.panel)
+def learned_in(names):
+    """The workflow fits the learned member for these metrics: one is qtlib's own and iqa.learned.path is empty."""
     return not CFG.iqa.learned.path and any(get_info(n).source == "qtlib" for n in names if n in CATALOG)
 
 
 def reward_of_round(wildcards):
-    """The learned member round r's label, train and headroom jobs use (none when it is not in use)."""
-    return [str(L.reward_of(int(wildcards.r), CFG.reward.refresh))] if uses_learned() else []
+    """The learned member round r's label, train and headroom jobs use, when S or the reward has it."""
+    names = [m.metric for m in (*CFG.iqa.ensemble, *CFG.train.reward_ensemble)]
+    return [str(L.reward_of(int(wildcards.r), CFG.reward.refresh))] if learned_in(names) else []
 
 
 def final_reward():
-    """The learned member of the last round, for the evaluation's panel (none when it is not in use)."""
-    return [str(L.reward_of(R - 1, CFG.reward.refresh))] if uses_learned() else []
+    """The learned member of the last round, for the evaluation's panel, when the panel has it."""
+    return [str(L.reward_of(R - 1, CFG.reward.refresh))] if learned_in(CFG.evaluate.panel) else []
 
 
 def previous_student(wildcards):
