@@ -70,9 +70,10 @@ def task_config(task: str, out: Path, seed: int) -> dict:
 def run_workflow(config: Path, out: Path) -> None:
     layout = Layout(out)
     exe = str(Path(sys.executable).with_name("snakemake"))
-    cmd = [exe, "--snakefile", str(ROOT / "workflow" / "Snakefile"), "--directory", str(ROOT), "--configfile",
-           str(config), "--cores", "2", "--resources", "gpu=1", "-q", "host", str(layout.reward_model),
-           str(layout.degraded("test"))]
+    # The targets come first: `-q` takes any number of values and would swallow them.
+    cmd = [exe, str(layout.reward_model), str(layout.degraded("test")), "--snakefile",
+           str(ROOT / "workflow" / "Snakefile"), "--directory", str(ROOT), "--configfile", str(config),
+           "--cores", "2", "--resources", "gpu=1", "-q", "host"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     (out / "snakemake.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
