@@ -33,7 +33,7 @@ import yaml
 
 from benchmarks.record import record, write_json
 from qtlib.config.types import IQAConfig, LearnedConfig, Member
-from qtlib.data import ImageStore
+from qtlib.data.store import open_pair
 from qtlib.iqa import Ensemble, create_metric
 from qtlib.layout import Layout
 from qtlib.models import load_model
@@ -84,7 +84,7 @@ def run_workflow(config: Path, out: Path) -> None:
 def score_ladders(out: Path, seed: int) -> pd.DataFrame:
     """Every test image's ladder, with PSNR, SSIM and each reward (higher = better for every column)."""
     layout = Layout(out)
-    degraded, clean = ImageStore(layout.degraded("test")), ImageStore(layout.clean("test"))
+    degraded, clean = open_pair(layout.degraded("test").parent, clean=True)
     model = load_model(layout.pretrained)
     psnr = create_metric("psnr")
     learned = LearnedConfig(path=str(layout.reward_model), cap=False)

@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.record import record, write_json
 from qtlib.config.types import IQAConfig, LearnedConfig, Member
-from qtlib.data import ImageStore
+from qtlib.data.store import open_pair
 from qtlib.iqa import Reward, create_metric
 from qtlib.models import load_model
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    degraded, clean_store = ImageStore(args.images / "degraded.zarr"), ImageStore(args.images / "clean.zarr")
+    degraded, clean_store = open_pair(args.images, clean=True)
     rows = np.arange(min(args.n, len(degraded)))
     x, clean = degraded.read_tensor(rows), clean_store.read_tensor(rows)
     model = load_model(args.pretrained)

@@ -41,7 +41,7 @@ from qtlib.config.types import (
     RecLoss,
     SupLoss,
 )
-from qtlib.data import ImageStore
+from qtlib.data.store import open_pair
 from qtlib.layout import Layout
 from qtlib.models import load_model
 from qtlib.train import build_step_context, train_step
@@ -65,7 +65,7 @@ def term_losses(base: Losses, term: str) -> Losses:
 def batches(run: Path, n: int, size: int, patch: int, seed: int = 0):
     """``n`` batches of ``size`` test images: (degraded, clean, top-left of the training patch)."""
     layout = Layout(run)
-    degraded, clean = ImageStore(layout.degraded("test")), ImageStore(layout.clean("test"))
+    degraded, clean = open_pair(layout.degraded("test").parent, clean=True)
     rng = np.random.default_rng(seed)
     rows = rng.permutation(len(degraded))[: n * size]
     for chunk in np.array_split(rows, n):
