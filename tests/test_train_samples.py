@@ -182,6 +182,28 @@ def test_bank_reader_reads_aligned_windows(tmp_path) -> None:
         assert torch.allclose(batch.weight[j, 0], expected)
 
 
+def test_bank_reader_geometric_turns_patch_target_weights_and_windows_alike(tmp_path) -> None:
+    """train.geometric: the same slots as without, each slot's input patch, PL, block weights and reward
+    windows turned by the plan's element of the dihedral group; the other draws of the plan unchanged."""
+    from qtlib.augment import dihedral
+
+    size, patch = 64, 24
+    _write_stores(tmp_path, size)
+    samples = build_samples(_bank(), "qualiteacher", 7.0, True)
+    plain = BankReader(samples, tmp_path / "images.zarr", tmp_path, patch, window=32, ref=True)
+    turned = BankReader(samples, tmp_path / "images.zarr", tmp_path, patch, window=32, ref=True, geometric=True)
+    plan = draw_epoch_plan(len(samples), 8, (size, size), patch, 12, (4.0,), 0, 0, 0, window=32)
+    slots = np.arange(8)
+    a, b = plain.read(plan, slots), turned.read(plan, slots)
+    assert set(plan.turn) - {0} and set(plan.turn) <= set(range(8))
+    for j, k in enumerate(plan.turn):
+        for name in ("x", "target", "weight", "window", "ref"):
+            assert torch.equal(dihedral(getattr(a, name)[j], int(k)), getattr(b, name)[j]), name
+    assert torch.equal(a.cond, b.cond) and torch.equal(a.crop_yx, b.crop_yx)
+    rotated = [j for j, k in enumerate(plan.turn) if k % 2]  # an odd element: a quarter turn
+    assert rotated and not torch.equal(a.x[rotated[0]], b.x[rotated[0]])
+
+
 def test_bank_reader_input_sample_targets_its_input(tmp_path) -> None:
     size, patch = 64, 24
     _write_stores(tmp_path, size)

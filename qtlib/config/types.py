@@ -273,6 +273,7 @@ class TrainConfig:
     ema_decay: float = 0.998
     ema_half_life: float = 0.0
     reward_window: int = 192
+    geometric: bool = False
     strong_view: StrongView = StrongView()
     reward_ensemble: tuple[Member, ...] = ()
     gpus: int = 1

@@ -263,7 +263,7 @@ def _build_round(world: ddp.World, spec: RoundSpec, reward: RewardFn | None,
         samples = _input_labels(world, spec, samples, label_top)
     reader = BankReader(samples, spec.paths.images, spec.paths.results_dir, tc.patch_size,
                         window=reward_side(tc.reward_window, tc.patch_size) if sw.needs_reward else 0,
-                        ref=sw.preference)
+                        ref=sw.preference, geometric=tc.geometric)
     global_batch = tc.batch_size * world.size
     per_epoch = steps_per_epoch(len(samples), global_batch)
     total = tc.steps if tc.steps > 0 else per_epoch * tc.epochs

@@ -278,6 +278,9 @@ class EpochPlan:
         low_level: the condition of y_l per slot (drawn from ``low_levels``).
         crop_yx: (slots, 2) top-left of the cropped-consistency crop inside the reward window.
         window_yx: (slots, 2) top-left of the reward window (``train.reward_window``) in the full image.
+        turn: (slots,) element of the dihedral group (:func:`qtlib.augment.dihedral`) of each slot's
+            patch, target, weights and windows, read only with ``train.geometric`` (drawn last, so the
+            other draws are those of a plan without it).
     """
 
     epoch: int
@@ -288,6 +291,7 @@ class EpochPlan:
     low_level: np.ndarray
     crop_yx: np.ndarray
     window_yx: np.ndarray
+    turn: np.ndarray
 
 
 def reward_side(reward_window: int, patch: int, smallest_side: int | None = None) -> int:
@@ -348,7 +352,8 @@ def draw_epoch_plan(
     low = np.asarray(low_levels, dtype=np.float32)[rng.integers(0, len(low_levels), slots)]
     crop_yx = rng.integers(0, window - crop + 1, (slots, 2))
     window_yx = _positions(rng, sizes, sample, window)
-    return EpochPlan(epoch, steps, global_batch, sample, patch_yx, low, crop_yx, window_yx)
+    turn = rng.integers(0, DIHEDRAL, slots)
+    return EpochPlan(epoch, steps, global_batch, sample, patch_yx, low, crop_yx, window_yx, turn)
 
 
 def rank_slots(step_in_epoch: int, rank: int, world: int, batch: int) -> np.ndarray:
@@ -424,6 +429,13 @@ def block_weight_window(blocks: np.ndarray, size: tuple[int, int], top: int, lef
     return w[torch.from_numpy(rows)][:, torch.from_numpy(cols)][None]
 
 
+def _turned(x: torch.Tensor, turn: np.ndarray | None) -> torch.Tensor:
+    """Each item of a (B, C, S, S) batch turned by its element of the dihedral group; ``turn`` None = unchanged."""
+    if turn is None:
+        return x
+    return torch.stack([dihedral(v, int(k)) for v, k in zip(x, turn, strict=True)])
+
+
 class BankReader:
     """Reads batches of (degraded input patch, PL patch, weight patch) for plan slots.
 
@@ -439,11 +451,15 @@ class BankReader:
         window: the reward window side W, capped at the smallest image side (0 = the reward terms are off:
             no window is read).
         ref: also read the window of each sample's reference PL (L2 of eq. 8 is on).
+        geometric: turn each slot's input patch, target, weights and windows alike by the plan's element
+            of the dihedral group (``train.geometric``), so that the pseudo-label terms, like the anchor,
+            train every view the teacher labels with.
     """
 
     def __init__(self, samples: TrainSamples, images: str | Path, results_dir: str | Path, patch: int,
-                 window: int = 0, ref: bool = False) -> None:
+                 window: int = 0, ref: bool = False, geometric: bool = False) -> None:
         self.samples = samples
+        self.geometric = geometric
         self.images = ImageStore(images)
         self.results_dir = Path(results_dir)
         self.patch = patch
@@ -498,15 +514,16 @@ class BankReader:
             gh, gw = self.grid[s.store[i]]
             size = (int(self.sizes[i][0]), int(self.sizes[i][1]))
             ws.append(block_weight_window(s.blocks[i].reshape(gh, gw), size, top, left, p))
+        turn = plan.turn[slots] if self.geometric else None
         return Batch(
-            x=_to_float(np.stack(xs)),
-            target=_to_float(np.stack(ts)),
-            weight=torch.stack(ws),
+            x=_turned(_to_float(np.stack(xs)), turn),
+            target=_turned(_to_float(np.stack(ts)), turn),
+            weight=_turned(torch.stack(ws), turn),
             cond=torch.from_numpy(s.cond[idx].copy()),
             low=torch.from_numpy(plan.low_level[slots].copy()),
             crop_yx=torch.from_numpy(plan.crop_yx[slots].astype(np.int64)),
-            window=self._windows(idx, plan.window_yx[slots]) if self.window else None,
-            ref=self._ref_windows(idx, plan.window_yx[slots]) if self.ref else None,
+            window=_turned(self._windows(idx, plan.window_yx[slots]), turn) if self.window else None,
+            ref=_turned(self._ref_windows(idx, plan.window_yx[slots]), turn) if self.ref else None,
             pl=torch.from_numpy(~s.is_input[idx]),
         )
 
