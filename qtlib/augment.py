@@ -33,6 +33,14 @@ AUGMENTATIONS: dict[str, GeometricAug] = {
     "vflip": GeometricAug("vflip", lambda x: torch.flip(x, dims=(-2,)), lambda x: torch.flip(x, dims=(-2,))),
     "rot90": GeometricAug("rot90", lambda x: torch.rot90(x, 1, dims=(-2, -1)),
                           lambda x: torch.rot90(x, -1, dims=(-2, -1))),
+    # the rest of the dihedral group, for a larger self-ensemble (``label.mean_label``); not in the paper
+    "rot180": GeometricAug("rot180", lambda x: torch.rot90(x, 2, dims=(-2, -1)),
+                           lambda x: torch.rot90(x, -2, dims=(-2, -1))),
+    "rot270": GeometricAug("rot270", lambda x: torch.rot90(x, -1, dims=(-2, -1)),
+                           lambda x: torch.rot90(x, 1, dims=(-2, -1))),
+    "transpose": GeometricAug("transpose", lambda x: x.transpose(-2, -1), lambda x: x.transpose(-2, -1)),
+    "transverse": GeometricAug("transverse", lambda x: torch.rot90(x, 2, dims=(-2, -1)).transpose(-2, -1),
+                               lambda x: torch.rot90(x.transpose(-2, -1), 2, dims=(-2, -1))),
 }
 
 

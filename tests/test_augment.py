@@ -17,6 +17,22 @@ def test_inverse_reproduces_identity_exactly(name: str) -> None:
         assert not torch.equal(aug.forward(x), x)
 
 
+def test_the_eight_views_are_the_dihedral_group() -> None:
+    """identity, the flips, the turns and the two transposes: eight different maps, each one element of
+    :func:`qtlib.augment.dihedral` (the training turns), so a model trained with train.geometric has seen
+    every view; rot90 and rot270 are each other's inverse."""
+    from qtlib.augment import DIHEDRAL, dihedral
+
+    x = torch.rand(1, 3, 6, 6)
+    outs = {name: aug.forward(x) for name, aug in AUGMENTATIONS.items()}
+    assert len(outs) == DIHEDRAL
+    group = [dihedral(x, k) for k in range(DIHEDRAL)]
+    matched = {name: [k for k, g in enumerate(group) if torch.equal(g, y)] for name, y in outs.items()}
+    assert all(len(ks) == 1 for ks in matched.values()), matched
+    assert sorted(ks[0] for ks in matched.values()) == list(range(DIHEDRAL))
+    assert torch.equal(AUGMENTATIONS["rot270"].forward(x), AUGMENTATIONS["rot90"].inverse(x))
+
+
 def test_rot90_inverse_on_non_square() -> None:
     x = torch.rand(1, 3, 5, 9)
     aug = AUGMENTATIONS["rot90"]

@@ -15,7 +15,7 @@ from typing import Literal
 Range = tuple[float, float]
 RecipeKind = Literal["rain", "snow", "haze", "low_light", "underwater"]
 Perceptual = Literal["auto", "vgg", "ms_ssim", "nlpd", "none"]
-Augmentation = Literal["identity", "hflip", "vflip", "rot90"]
+Augmentation = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse"]
 LRSchedule = Literal["constant", "cosine"]
 RegParams = Literal["embedding", "injected", "upsampling"]
 
