@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from qtlib.layout import Layout
+from qtlib.layout import Layout, input_labels_beside
 from qtlib.cli import main
 from qtlib.config import config_from_dict
 from qtlib.config.types import Config
@@ -310,9 +310,23 @@ def contrast_reward(y: torch.Tensor) -> torch.Tensor:
     return 10 * y.std(dim=(1, 2, 3))
 
 
+def dying_reward(y: torch.Tensor) -> torch.Tensor:
+    """:func:`contrast_reward`, but data-parallel rank 1 kills its own process (SIGKILL) when it first calls it."""
+    import signal
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return contrast_reward(y)
+
+
 def test_ddp_two_processes_match_one(world: dict[str, Path], tmp_path: Path) -> None:
-    one = _round(world, tmp_path / "one", _config(batch_size=2), reward=contrast_reward)
-    two = _round(world, tmp_path / "two", _config(batch_size=1, gpus=2), reward=contrast_reward)
+    """With the input samples on (train.input_labels), whose scores rank 0 computes and broadcasts."""
+    one = _round(world, tmp_path / "one", _config(batch_size=2, input_labels=True), reward=contrast_reward)
+    two = _round(world, tmp_path / "two", _config(batch_size=1, gpus=2, input_labels=True), reward=contrast_reward)
+    scores = [pd.read_parquet(input_labels_beside(r.student)) for r in (one, two)]
+    assert scores[0]["kept"].any() and scores[0].equals(scores[1])  # rank 1 trained on rank 0's input samples
     assert two.steps == one.steps and two.global_step == one.global_step
     a, b = load_checkpoint(one.student), load_checkpoint(two.student)
     worst = max((a.model_state[k] - b.model_state[k]).abs().max().item() for k in a.model_state)
@@ -321,6 +335,20 @@ def test_ddp_two_processes_match_one(world: dict[str, Path], tmp_path: Path) -> 
     assert max((ta.model_state[k] - tb.model_state[k]).abs().max().item() for k in ta.model_state) < 1e-5
     la, lb = pd.read_parquet(one.losses), pd.read_parquet(two.losses)
     assert np.allclose(la["loss"], lb["loss"], atol=1e-4)
+
+
+def test_ddp_a_killed_rank_fails_the_round_naming_it(world: dict[str, Path], tmp_path: Path) -> None:
+    """Rank 1 dies by SIGKILL in its first reward call, while rank 0 goes on into the next collective: the
+    round fails within a bounded time, naming the rank and the signal, and writes no student."""
+    import time
+
+    from qtlib.train.ddp import RankFailed
+
+    t0 = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 1 of 2 .* killed by SIGKILL"):
+        _round(world, tmp_path, _config(batch_size=1, gpus=2), reward=dying_reward)
+    assert time.monotonic() - t0 < 120
+    assert not (tmp_path / "student.pt").exists() and not (tmp_path / "teacher.pt").exists()
 
 
 def test_cli_pretrain_and_train(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -75,10 +75,24 @@ def launch(fn: Callable[..., Any], size: int, device: str, *args: Any) -> None:
         *args: picklable arguments passed on.
 
     Raises:
-        torch.multiprocessing.ProcessRaisedException: a rank failed (its traceback is in the message).
+        RankFailed: a rank raised (its traceback is in the message) or died (killed, out of memory):
+            ``torch.multiprocessing`` notices the first rank to exit abnormally, stops the others and
+            this names that rank, so a dead rank fails the job instead of leaving the others waiting in
+            a collective.
     """
     threads = max(1, torch.get_num_threads() // size)
-    mp.spawn(_entry, args=(size, free_port(), fn, (device, *args), threads), nprocs=size, join=True)
+    try:
+        mp.spawn(_entry, args=(size, free_port(), fn, (device, *args), threads), nprocs=size, join=True)
+    except mp.ProcessExitedException as e:
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+        raise RankFailed(f"data-parallel rank {e.error_index} of {size} (pid {e.error_pid}) {how}; the other ranks "
+                         "were stopped") from e
+    except mp.ProcessRaisedException as e:
+        raise RankFailed(f"data-parallel rank {e.error_index} of {size} (pid {e.error_pid}) failed:\n{e}") from e
+
+
+class RankFailed(RuntimeError):
+    """A process of a data-parallel run failed or died; the message names its rank."""
 
 
 def all_reduce_mean(values: torch.Tensor, world: World) -> torch.Tensor:
